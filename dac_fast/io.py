@@ -1,0 +1,306 @@
+"""Audio file input/output for the dac_fast file pipeline.
+
+* :func:`read_audio` reads anything libsndfile reads (wav, flac, ogg, ...) into a float32
+  array of shape ``(channels, samples)`` and rejects empty, NaN/Inf and unreadable audio
+  with an :class:`AudioError` that names the path and the reason.
+* :func:`resample` converts sample rates with soxr (the SoX resampler library, "HQ").
+* :func:`loudness` / :func:`normalize_loudness` / :func:`ensure_max_of_audio` reproduce what
+  the original ``DAC.compress`` / ``decompress`` do through audiotools: ITU-R BS.1770-4
+  integrated loudness (pyloudnorm's meter, 400 ms blocks, K-weighting), clips shorter than
+  0.5 s zero-padded to 0.5 s before measuring, loudness clamped to at least -70 LUFS (so
+  silence gives -70, never -inf or NaN), gain ``10 ** ((target - measured) / 20)``, then a
+  per-channel peak limit to 1.0.
+* :func:`atomic_write` / :func:`atomic_path` write outputs through a temporary file in the
+  destination directory followed by ``os.replace``, removing the temporary file on any
+  exception including ``KeyboardInterrupt``, so an interrupted run never leaves a partial
+  output under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+import numpy as np
+
+PathLike = Union[str, os.PathLike]
+
+MIN_LOUDNESS = -70.0
+"""Floor applied to measured loudness (audiotools' ``MIN_LOUDNESS``)."""
+
+MIN_LOUDNESS_DURATION = 0.5
+"""Clips shorter than this (seconds) are zero-padded to it before measuring (as audiotools)."""
+
+TMP_PREFIX = ".dacfast-tmp-"
+"""Prefix of temporary files; anything starting with it is never a finished output."""
+
+
+class AudioError(ValueError):
+    """A file could not be used as audio. ``str(err)`` names the path and the reason."""
+
+    def __init__(self, path: PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+# ----------------------------------------------------------------------------------------------
+# reading / writing audio
+# ----------------------------------------------------------------------------------------------
+def audio_info(path: PathLike):
+    """Return ``(sample_rate, channels, frames)`` from the file header without decoding."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except Exception as exc:  # soundfile raises RuntimeError/LibsndfileError/TypeError
+        raise AudioError(path, f"unreadable audio ({_short(exc)})") from None
+    return int(info.samplerate), int(info.channels), int(info.frames)
+
+
+def read_audio(path: PathLike) -> tuple[np.ndarray, int]:
+    """Read an audio file into ``(float32 array (channels, samples), sample_rate)``.
+
+    Raises :class:`AudioError` for unreadable/corrupt/truncated files, zero-length audio and
+    audio containing NaN or Inf.
+    """
+    import soundfile as sf
+
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(p, "file does not exist")
+    if p.is_dir():
+        raise AudioError(p, "is a directory")
+    if p.stat().st_size == 0:
+        raise AudioError(p, "empty file (0 bytes)")
+    try:
+        data, sr = sf.read(str(p), dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise AudioError(p, f"unreadable audio ({_short(exc)})") from None
+    if data.shape[0] == 0:
+        raise AudioError(p, "zero-length audio (no samples)")
+    if data.shape[1] == 0:
+        raise AudioError(p, "audio has no channels")
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise AudioError(p, f"audio contains {bad} NaN/Inf samples")
+    return np.ascontiguousarray(data.T), int(sr)
+
+
+def write_audio(path: PathLike, audio: np.ndarray, sample_rate: int, subtype: str | None = None):
+    """Atomically write ``audio`` (channels, samples) with soundfile.
+
+    The format follows the extension (``.wav`` defaults to 16-bit PCM like the original,
+    ``.flac`` 16-bit, anything else soundfile's default). Samples are clipped to [-1, 1].
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim == 1:
+        audio = audio[None]
+    fmt = path.suffix.lstrip(".").upper() or "WAV"
+    if subtype is None and fmt in ("WAV", "FLAC"):
+        subtype = "PCM_16"
+    data = np.clip(audio.T, -1.0, 1.0)
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), data, int(sample_rate), subtype=subtype, format=fmt)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# resampling
+# ----------------------------------------------------------------------------------------------
+def resample(audio: np.ndarray, orig_sr: int, target_sr: int, quality: str = "HQ") -> np.ndarray:
+    """Resample ``audio`` (channels, samples) or (samples,) with soxr. No-op if rates match.
+
+    Output length is soxr's, ``ceil(n * target / orig)`` (rounded): callers that need an exact
+    length trim or pad afterwards.
+    """
+    audio = np.asarray(audio, dtype=np.float32)
+    if int(orig_sr) == int(target_sr):
+        return audio
+    import soxr
+
+    if audio.ndim == 1:
+        return soxr.resample(audio, orig_sr, target_sr, quality=quality).astype(np.float32)
+    out = soxr.resample(np.ascontiguousarray(audio.T), orig_sr, target_sr, quality=quality)
+    if out.ndim == 1:
+        out = out[:, None]
+    return np.ascontiguousarray(out.T, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# loudness (ITU-R BS.1770-4, as the original compress/decompress use it)
+# ----------------------------------------------------------------------------------------------
+def loudness(audio: np.ndarray, sample_rate: int) -> float:
+    """Integrated loudness in LUFS of ``audio`` (channels, samples), channels measured together.
+
+    Matches audiotools' ``AudioSignal.loudness()`` as the original ``compress`` calls it: clips
+    shorter than 0.5 s are zero-padded to 0.5 s (pyloudnorm needs at least one 400 ms block),
+    and the result is clamped to >= -70 LUFS, so silence gives -70.0 (never -inf/NaN).
+    Channel weights are BS.1770's (1.0 for up to 3 channels, 1.41 for surrounds 4 and 5).
+    """
+    import pyloudnorm
+
+    audio = np.asarray(audio, dtype=np.float64)
+    if audio.ndim == 1:
+        audio = audio[None]
+    n = audio.shape[-1]
+    min_len = int(round(MIN_LOUDNESS_DURATION * sample_rate))
+    if n < min_len:
+        pad = int((MIN_LOUDNESS_DURATION - n / sample_rate) * sample_rate)  # as audiotools
+        audio = np.pad(audio, ((0, 0), (0, max(pad, 0))))
+        if audio.shape[-1] < int(0.4 * sample_rate) + 1:  # rounding guard: keep one full block
+            audio = np.pad(audio, ((0, 0), (0, int(0.4 * sample_rate) + 1 - audio.shape[-1])))
+    if audio.shape[0] > 5:
+        # pyloudnorm only defines weights for 5 channels; measure the first 5 (BS.1770 layout).
+        audio = audio[:5]
+    meter = pyloudnorm.Meter(int(sample_rate), block_size=0.400)
+    with np.errstate(divide="ignore", invalid="ignore"), _quiet_warnings():
+        value = meter.integrated_loudness(audio.T if audio.shape[0] > 1 else audio[0])
+    value = float(value)
+    if not np.isfinite(value) or value < MIN_LOUDNESS:
+        value = MIN_LOUDNESS
+    return value
+
+
+def normalize_loudness(audio: np.ndarray, current_db: float, target_db: float) -> np.ndarray:
+    """Scale ``audio`` from ``current_db`` to ``target_db`` LUFS (audiotools ``normalize``)."""
+    gain = np.exp((float(target_db) - float(current_db)) * (np.log(10.0) / 20.0))
+    return (np.asarray(audio, dtype=np.float32) * np.float32(gain)).astype(np.float32)
+
+
+def ensure_max_of_audio(audio: np.ndarray, max_value: float = 1.0) -> np.ndarray:
+    """Scale down every channel whose peak exceeds ``max_value`` (audiotools semantics)."""
+    audio = np.asarray(audio, dtype=np.float32)
+    peak = np.abs(audio).max(axis=-1, keepdims=True) if audio.shape[-1] else np.zeros(audio.shape[:-1] + (1,), np.float32)
+    gain = np.ones_like(peak)
+    over = peak > max_value
+    gain[over] = max_value / peak[over]
+    return audio * gain
+
+
+def prepare_for_encoding(
+    audio: np.ndarray, sample_rate: int, model_rate: int, normalize_db: float | None = -16.0
+) -> tuple[np.ndarray, float]:
+    """The original compress' preprocessing: resample, measure, normalize, limit peaks.
+
+    Returns ``(audio at model_rate (channels, samples), input_db)``.
+    """
+    x = resample(audio, sample_rate, model_rate)
+    input_db = loudness(x, model_rate)
+    if normalize_db is not None:
+        x = normalize_loudness(x, input_db, normalize_db)
+    x = ensure_max_of_audio(x)
+    return x, input_db
+
+
+def restore_after_decoding(
+    recon: np.ndarray, model_rate: int, input_db, sample_rate: int, original_length: int, channels: int
+) -> np.ndarray:
+    """The original decompress' postprocessing, on ``recon`` (channels, samples) at model rate.
+
+    Each channel is normalized to ``input_db`` (the original decodes channels as a batch, so
+    loudness is measured per channel), resampled to ``sample_rate`` and trimmed (or
+    zero-padded) to ``original_length``. Returns (channels, original_length) float32.
+    """
+    recon = np.asarray(recon, dtype=np.float32)
+    if recon.ndim == 1:
+        recon = recon[None]
+    db = np.asarray(input_db, dtype=np.float64).reshape(-1)
+    out = []
+    for i, ch in enumerate(recon):
+        target = float(db[i] if db.size == recon.shape[0] else db[0])
+        cur = loudness(ch[None], model_rate)
+        out.append(normalize_loudness(ch, cur, target))
+    y = resample(np.stack(out), model_rate, sample_rate)
+    if y.shape[-1] >= original_length:
+        y = y[:, :original_length]
+    else:
+        y = np.pad(y, ((0, 0), (0, original_length - y.shape[-1])))
+    return np.ascontiguousarray(y.reshape(channels, original_length), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success ``os.replace`` it onto ``path``.
+
+    The temporary keeps ``path``'s extension (libraries that pick a format from it work). On
+    any exception, ``KeyboardInterrupt`` included, the temporary is removed and the error
+    re-raised; ``path`` is then either absent or its previous complete version.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.stem + ".", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "wb"):
+    """Open a temporary file for writing; it becomes ``path`` only when the block succeeds."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode) as f:
+            yield f
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    with atomic_write(path, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
+def cleanup_temp_files(directory: PathLike) -> int:
+    """Remove leftover temporary files (from a SIGKILLed run) under ``directory``."""
+    n = 0
+    d = Path(directory)
+    if not d.is_dir():
+        return 0
+    for p in d.rglob(TMP_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            n += 1
+    return n
+
+
+def _fsync_file(path: Path):
+    try:
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+    except OSError:
+        pass
+
+
+def _short(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return msg[:200]
+
+
+@contextlib.contextmanager
+def _quiet_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
