@@ -278,7 +278,7 @@ class DacFile:
         json_path = stem_path.with_name(stem_path.name + ".json")
         with atomic_write(codes_path, "wb") as f:
             np.save(f, self.codes.astype(np.uint16), allow_pickle=False)
-        atomic_write_text(json_path, json.dumps(self.metadata_json(codes_path.name), indent=1) + "\n")
+        atomic_write_text(json_path, json.dumps(self.metadata_json(codes_path.name)) + "\n")
         return codes_path, json_path
 
     @classmethod

@@ -35,6 +35,9 @@ MIN_LOUDNESS_DURATION = 0.5
 """Clips shorter than this (seconds) are zero-padded to it before measuring (as audiotools)."""
 
 TMP_PREFIX = ".dacfast-tmp-"
+
+_UMASK = os.umask(0)  # read once at import (os.umask is the only portable way to read it)
+os.umask(_UMASK)
 """Prefix of temporary files; anything starting with it is never a finished output."""
 
 
@@ -244,6 +247,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_file(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give outputs normal permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
