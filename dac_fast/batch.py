@@ -183,7 +183,9 @@ def _dac_model_class():
     try:
         from .modeling import DacModel  # the lead's model
 
-        return DacModel
+        if hasattr(DacModel, "from_preset") and hasattr(DacModel, "from_pretrained"):
+            return DacModel
+        return _HFStandIn
     except ImportError:
         return _HFStandIn
 
