@@ -85,6 +85,9 @@ def read_audio(path: PathLike) -> tuple[np.ndarray, int]:
         raise AudioError(p, f"unreadable audio ({_short(exc)})") from None
     if data.shape[0] == 0:
         raise AudioError(p, "zero-length audio (no samples)")
+    truncated = _truncation(p)
+    if truncated:
+        raise AudioError(p, truncated)
     if data.shape[1] == 0:
         raise AudioError(p, "audio has no channels")
     if not np.isfinite(data).all():
@@ -112,6 +115,32 @@ def write_audio(path: PathLike, audio: np.ndarray, sample_rate: int, subtype: st
     with atomic_path(path) as tmp:
         sf.write(str(tmp), data, int(sample_rate), subtype=subtype, format=fmt)
     return path
+
+
+_DATA_SIZE_RE = None
+
+
+def _truncation(path: Path) -> str | None:
+    """Detect a truncated WAV-family file: libsndfile reads those silently, but its header log
+    says ``data : <declared> (should be <present>)``. Declared sizes of 0 or 0xFFFFFFFF (streamed
+    WAVs) are larger-than-declared files, not truncation, and are accepted."""
+    global _DATA_SIZE_RE
+    import re
+
+    import soundfile as sf
+
+    if _DATA_SIZE_RE is None:
+        _DATA_SIZE_RE = re.compile(r"^\s*data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
+    try:
+        log = sf.info(str(path)).extra_info
+    except Exception:
+        return None
+    m = _DATA_SIZE_RE.search(log or "")
+    if m:
+        declared, present = int(m.group(1)), int(m.group(2))
+        if 0 < present < declared < 0xFFFFFFFF:
+            return f"truncated file: header declares {declared} bytes of audio data, only {present} present"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
