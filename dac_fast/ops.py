@@ -116,6 +116,9 @@ def rvq_encode_reference(
         dist = -(l2_norm - 2 * encodings @ cb.t()) + cb.pow(2).sum(1, keepdim=True).t()
         indices = dist.max(1)[1].reshape(b, -1)
         q = F.embedding(indices, codebook[i]).transpose(1, 2)
+        # transformers applies the straight-through step even in eval; p + (q - p) rounds differently from q,
+        # and exact parity needs the same rounding.
+        q = projected + (q - projected)
         out = F.conv1d(q, out_proj_weight[i].unsqueeze(-1), out_proj_bias[i])
         quantized = quantized + out
         residual = residual - out

@@ -1,0 +1,166 @@
+"""DacConfig: transformers' DacConfig fields and derived attributes, without transformers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from typing import Any
+
+CONFIG_NAME = "config.json"
+
+# Keys transformers writes into config.json that describe nothing we need (or are stale, like
+# the hop_length of 512 some hub files carry for 16/24 kHz models): read and ignored.
+_IGNORED_KEYS = {
+    "hop_length", "hidden_size", "upsampling_ratios", "frame_rate", "architectures", "model_type",
+    "transformers_version", "torch_dtype", "dtype", "_name_or_path", "output_hidden_states",
+    "output_attentions", "use_cache", "id2label", "label2id", "chunk_size_feed_forward",
+    "is_encoder_decoder", "problem_type", "tie_word_embeddings", "_attn_implementation_autoset",
+}
+
+
+class DacConfig:
+    """Configuration of a DAC model; same fields and defaults as ``transformers.DacConfig``.
+
+    ``latent_dim`` (ours, optional) is the quantizer input width; ``None`` means
+    ``encoder_hidden_size * 2**len(downsampling_ratios)`` as in transformers. Set it to 128 for the
+    original 44 kHz 16 kbps model, which transformers cannot express.
+    """
+
+    model_type = "dac"
+
+    def __init__(
+        self,
+        encoder_hidden_size: int = 64,
+        downsampling_ratios: list[int] | tuple[int, ...] = (2, 4, 8, 8),
+        decoder_hidden_size: int = 1536,
+        n_codebooks: int = 9,
+        codebook_size: int = 1024,
+        codebook_dim: int = 8,
+        quantizer_dropout: float = 0.0,
+        commitment_loss_weight: float = 0.25,
+        codebook_loss_weight: float = 1.0,
+        sampling_rate: int = 16000,
+        latent_dim: int | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ):
+        unknown = set(kwargs) - _IGNORED_KEYS
+        if unknown:
+            raise TypeError(f"DacConfig got unexpected keys {sorted(unknown)}")
+        self.encoder_hidden_size = int(encoder_hidden_size)
+        self.downsampling_ratios = [int(r) for r in downsampling_ratios]
+        self.decoder_hidden_size = int(decoder_hidden_size)
+        self.n_codebooks = int(n_codebooks)
+        self.codebook_size = int(codebook_size)
+        self.codebook_dim = int(codebook_dim)
+        self.quantizer_dropout = quantizer_dropout
+        self.commitment_loss_weight = float(commitment_loss_weight)
+        self.codebook_loss_weight = float(codebook_loss_weight)
+        self.sampling_rate = int(sampling_rate)
+        self.latent_dim = None if latent_dim is None else int(latent_dim)
+        self.return_dict = bool(return_dict)
+        self._validate()
+
+    def _validate(self) -> None:
+        if not self.downsampling_ratios or any(r < 1 for r in self.downsampling_ratios):
+            raise ValueError(f"downsampling_ratios must be positive integers, got {self.downsampling_ratios}")
+        for name in ("encoder_hidden_size", "decoder_hidden_size", "n_codebooks", "codebook_size",
+                     "codebook_dim", "sampling_rate"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.codebook_size & (self.codebook_size - 1):
+            raise ValueError(f"codebook_size must be a power of 2, got {self.codebook_size}")
+        if self.decoder_hidden_size % 2 ** len(self.downsampling_ratios):
+            raise ValueError("decoder_hidden_size must be divisible by 2**len(downsampling_ratios)")
+
+    # Derived attributes, computed as transformers does (never read from a file).
+    @property
+    def upsampling_ratios(self) -> list[int]:
+        return self.downsampling_ratios[::-1]
+
+    @property
+    def hidden_size(self) -> int:
+        if self.latent_dim is not None:
+            return self.latent_dim
+        return self.encoder_hidden_size * 2 ** len(self.downsampling_ratios)
+
+    @property
+    def hop_length(self) -> int:
+        return math.prod(self.downsampling_ratios)
+
+    @property
+    def frame_rate(self) -> int:
+        return math.ceil(self.sampling_rate / self.hop_length)
+
+    # Serialization
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "encoder_hidden_size": self.encoder_hidden_size,
+            "downsampling_ratios": list(self.downsampling_ratios),
+            "decoder_hidden_size": self.decoder_hidden_size,
+            "n_codebooks": self.n_codebooks,
+            "codebook_size": self.codebook_size,
+            "codebook_dim": self.codebook_dim,
+            "quantizer_dropout": self.quantizer_dropout,
+            "commitment_loss_weight": self.commitment_loss_weight,
+            "codebook_loss_weight": self.codebook_loss_weight,
+            "sampling_rate": self.sampling_rate,
+            "model_type": self.model_type,
+            "architectures": ["DacModel"],
+        }
+        if self.latent_dim is not None:
+            out["latent_dim"] = self.latent_dim
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DacConfig":
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "DacConfig":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "DacConfig":
+        """Read ``config.json`` from a directory (or the file itself)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r}")
+        return cls.from_json_file(path)
+
+    @classmethod
+    def from_preset(cls, name: str) -> "DacConfig":
+        """One of the official checkpoints' configurations: ``16khz``, ``24khz``, ``44khz``, ``44khz_16kbps``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    def copy(self) -> "DacConfig":
+        return copy.deepcopy(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DacConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"DacConfig({json.dumps(self.to_dict(), sort_keys=True)})"
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "16khz": dict(sampling_rate=16000, downsampling_ratios=[2, 4, 5, 8], n_codebooks=12),
+    "24khz": dict(sampling_rate=24000, downsampling_ratios=[2, 4, 5, 8], n_codebooks=32),
+    "44khz": dict(sampling_rate=44100, downsampling_ratios=[2, 4, 8, 8], n_codebooks=9),
+    "44khz_16kbps": dict(sampling_rate=44100, downsampling_ratios=[2, 4, 8, 8], n_codebooks=18, latent_dim=128),
+}

@@ -1,0 +1,267 @@
+"""Checkpoint loading and saving: transformers directories and hub ids, original ``.pth`` files,
+in-memory transformers models; weight-norm folding; seeded random weights for tests and demos."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+from .configuration import CONFIG_NAME, DacConfig
+
+SAFETENSORS_NAME = "model.safetensors"
+TORCH_WEIGHTS_NAME = "pytorch_model.bin"
+PREPROCESSOR_NAME = "preprocessor_config.json"
+_HUB_FILES = [CONFIG_NAME, SAFETENSORS_NAME, TORCH_WEIGHTS_NAME, PREPROCESSOR_NAME]
+
+# The three ways a weight-normalized convolution's weight is stored: (magnitude g, direction v) suffixes.
+_WEIGHT_NORM_STYLES = (
+    (".weight_g", ".weight_v"),  # torch.nn.utils.weight_norm (original DAC releases)
+    (".parametrizations.weight.original0", ".parametrizations.weight.original1"),  # newer torch
+)
+
+
+def fold_weight_norm(state_dict: Mapping[str, torch.Tensor], device=None) -> dict[str, torch.Tensor]:
+    """Replace every (g, v) pair by ``weight = g * v / ||v||`` (norm over all dims but 0), computed in fp32
+    on ``device``; plain weights pass through. For a transposed convolution dim 0 is its input-channel axis,
+    which is also the axis torch's weight_norm(dim=0) keeps, so one formula serves both."""
+    out: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        for g_suffix, v_suffix in _WEIGHT_NORM_STYLES:
+            for role, suffix in (("g", g_suffix), ("v", v_suffix)):
+                if key.endswith(suffix):
+                    pending.setdefault(key[: -len(suffix)], {})[role] = value
+                    break
+            else:
+                continue
+            break
+        else:
+            out[key] = value
+    for prefix, pair in pending.items():
+        if set(pair) != {"g", "v"}:
+            missing = "weight_v (direction)" if "v" not in pair else "weight_g (magnitude)"
+            raise ValueError(f"checkpoint has half a weight-norm pair at {prefix!r}: {missing} is missing")
+        g = pair["g"].to(device=device, dtype=torch.float32)
+        v = pair["v"].to(device=device, dtype=torch.float32)
+        out[prefix + ".weight"] = torch._weight_norm(v, g, 0)
+    return out
+
+
+# ----------------------------------------------------------------------------- original checkpoints
+def original_to_transformers_key(key: str, n_blocks: int) -> str:
+    """Map one original descript-audio-codec parameter name to transformers' name (FACTS.md key map)."""
+    sub = "snake1", "conv1", "snake2", "conv2"
+    rules = [
+        (r"^encoder\.block\.0\.", lambda m: "encoder.conv1."),
+        (r"^encoder\.block\.(\d+)\.block\.([012])\.block\.([0123])\.",
+         lambda m: f"encoder.block.{int(m[1]) - 1}.res_unit{int(m[2]) + 1}.{sub[int(m[3])]}."),
+        (r"^encoder\.block\.(\d+)\.block\.3\.", lambda m: f"encoder.block.{int(m[1]) - 1}.snake1."),
+        (r"^encoder\.block\.(\d+)\.block\.4\.", lambda m: f"encoder.block.{int(m[1]) - 1}.conv1."),
+        (rf"^encoder\.block\.{n_blocks + 1}\.", lambda m: "encoder.snake1."),
+        (rf"^encoder\.block\.{n_blocks + 2}\.", lambda m: "encoder.conv2."),
+        (r"^decoder\.model\.0\.", lambda m: "decoder.conv1."),
+        (r"^decoder\.model\.(\d+)\.block\.0\.", lambda m: f"decoder.block.{int(m[1]) - 1}.snake1."),
+        (r"^decoder\.model\.(\d+)\.block\.1\.", lambda m: f"decoder.block.{int(m[1]) - 1}.conv_t1."),
+        (r"^decoder\.model\.(\d+)\.block\.([234])\.block\.([0123])\.",
+         lambda m: f"decoder.block.{int(m[1]) - 1}.res_unit{int(m[2]) - 1}.{sub[int(m[3])]}."),
+        (rf"^decoder\.model\.{n_blocks + 1}\.", lambda m: "decoder.snake1."),
+        (rf"^decoder\.model\.{n_blocks + 2}\.", lambda m: "decoder.conv2."),
+    ]
+    if key.startswith("quantizer."):
+        return key
+    # The last two encoder/decoder entries share the block pattern's prefix; match them first.
+    for pattern, repl in rules[4:6] + rules[:4] + rules[10:] + rules[6:10]:
+        m = re.match(pattern, key)
+        if m:
+            return repl(m) + key[m.end():]
+    raise ValueError(f"unrecognized parameter {key!r} in original checkpoint")
+
+
+def config_from_original_kwargs(kwargs: Mapping) -> DacConfig:
+    """DacConfig from the ``metadata["kwargs"]`` of an original checkpoint (DAC.__init__ arguments)."""
+    encoder_rates = list(kwargs.get("encoder_rates", [2, 4, 8, 8]))
+    decoder_rates = list(kwargs.get("decoder_rates", encoder_rates[::-1]))
+    if decoder_rates != encoder_rates[::-1]:
+        raise ValueError(f"decoder_rates {decoder_rates} must be encoder_rates {encoder_rates} reversed")
+    codebook_dim = kwargs.get("codebook_dim", 8)
+    if isinstance(codebook_dim, (list, tuple)):
+        if len(set(codebook_dim)) != 1:
+            raise ValueError(f"per-codebook dimensions {codebook_dim} are not supported")
+        codebook_dim = codebook_dim[0]
+    encoder_dim = int(kwargs.get("encoder_dim", 64))
+    latent_dim = kwargs.get("latent_dim")
+    if latent_dim is not None and int(latent_dim) == encoder_dim * 2 ** len(encoder_rates):
+        latent_dim = None
+    return DacConfig(
+        encoder_hidden_size=encoder_dim,
+        downsampling_ratios=encoder_rates,
+        decoder_hidden_size=int(kwargs.get("decoder_dim", 1536)),
+        n_codebooks=int(kwargs.get("n_codebooks", 9)),
+        codebook_size=int(kwargs.get("codebook_size", 1024)),
+        codebook_dim=int(codebook_dim),
+        quantizer_dropout=float(kwargs.get("quantizer_dropout", 0.0)),
+        sampling_rate=int(kwargs.get("sample_rate", 44100)),
+        latent_dim=latent_dim,
+    )
+
+
+def load_original(cls, path, *, device=None, dtype=None, backend=None, weights_only: bool = True):
+    """Load an original ``.pth``: ``{"state_dict": ..., "metadata": {"kwargs": {...}}}``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"original checkpoint {path!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:  # pickle refused by weights_only, or not a torch file
+        raise ValueError(
+            f"cannot read {path!r} as an original DAC checkpoint ({type(exc).__name__}: {exc}); if the file is "
+            "trusted and holds pickled objects besides tensors, pass weights_only=False"
+        ) from exc
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path!r} is not an original DAC checkpoint: expected a dict with 'state_dict' and 'metadata'")
+    kwargs = (checkpoint.get("metadata") or {}).get("kwargs") or {}
+    config = config_from_original_kwargs(kwargs)
+    n_blocks = len(config.downsampling_ratios)
+    folded = fold_weight_norm(checkpoint["state_dict"], device=device)
+    state_dict = {original_to_transformers_key(k, n_blocks): v for k, v in folded.items()}
+    return build_model(cls, config, state_dict, device=device, dtype=dtype, backend=backend, source=path)
+
+
+# ----------------------------------------------------------------------------- transformers checkpoints
+def _resolve_directory(path_or_id, **hub_kwargs) -> str:
+    path = os.fspath(path_or_id)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{path!r} is a file; from_pretrained expects a directory or hub id "
+                         "(use DacModel.from_original for a .pth)")
+    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", path):
+        raise FileNotFoundError(f"{path!r} is neither a local directory nor a hub id like 'descript/dac_16khz'")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise FileNotFoundError(
+            f"{path!r} is not a local directory, and huggingface_hub is not installed to fetch it "
+            "(pip install 'dac-fast[hub]', or download the model and pass its directory)"
+        ) from exc
+    errors = []
+    for local_only in (True, False):  # the local cache first, then the network
+        try:
+            return snapshot_download(path, allow_patterns=_HUB_FILES, local_files_only=local_only, **hub_kwargs)
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    raise FileNotFoundError(f"could not find {path!r} in the Hugging Face cache or on the hub: {errors[-1]}")
+
+
+def load_state_dict_file(directory: str) -> dict[str, torch.Tensor]:
+    st = os.path.join(directory, SAFETENSORS_NAME)
+    pt = os.path.join(directory, TORCH_WEIGHTS_NAME)
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    if os.path.isfile(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no {SAFETENSORS_NAME} or {TORCH_WEIGHTS_NAME} in {directory!r}")
+
+
+def load_pretrained(cls, path_or_id, *, device=None, dtype=None, backend=None, **hub_kwargs):
+    directory = _resolve_directory(path_or_id, **hub_kwargs)
+    config = DacConfig.from_pretrained(directory)
+    state_dict = fold_weight_norm(load_state_dict_file(directory), device=device)
+    return build_model(cls, config, state_dict, device=device, dtype=dtype, backend=backend, source=directory)
+
+
+def convert_transformers(cls, hf_model, *, backend=None):
+    hf_config = hf_model.config
+    fields = ("encoder_hidden_size", "downsampling_ratios", "decoder_hidden_size", "n_codebooks", "codebook_size",
+              "codebook_dim", "quantizer_dropout", "commitment_loss_weight", "codebook_loss_weight", "sampling_rate")
+    config = DacConfig(**{f: getattr(hf_config, f) for f in fields})
+    param = next(hf_model.parameters())
+    state_dict = fold_weight_norm(hf_model.state_dict(), device=param.device)
+    return build_model(cls, config, state_dict, device=param.device, dtype=param.dtype, backend=backend,
+                       source="transformers model")
+
+
+def build_model(cls, config: DacConfig, state_dict, *, device=None, dtype=None, backend=None, source=""):
+    """Instantiate without random init, check the state dict names and shapes, load it, cast, eval()."""
+    with torch.device("meta"):
+        model = cls(config, backend=backend)
+    check_state_dict(model, state_dict, source)
+    model = model.to_empty(device=device or "cpu")
+    model.load_state_dict(state_dict, strict=True)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model.eval()
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "") -> None:
+    """Raise a ValueError naming every missing, unexpected and mis-shaped tensor."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    problems = []
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+
+    def listing(keys, describe=str):
+        shown = ", ".join(describe(k) for k in keys[:10])
+        return shown + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
+
+    if missing:
+        problems.append(f"missing tensors: {listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {listing(unexpected)}")
+    if shapes:
+        problems.append("mis-shaped tensors: " + listing(shapes, lambda k: f"{k} (expected {expected[k]}, got {got[k]})"))
+    if problems:
+        where = f" in {source}" if source else ""
+        raise ValueError(f"checkpoint does not match the model configuration{where}: " + "; ".join(problems))
+
+
+def save_pretrained(model, directory) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    model.config.save_pretrained(directory)
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in fold_weight_norm(model.state_dict()).items()}
+    save_file(state_dict, os.path.join(directory, SAFETENSORS_NAME), metadata={"format": "pt"})
+    from .feature_extraction import DacFeatureExtractor
+
+    preprocessor = DacFeatureExtractor.from_config(model.config).to_dict()
+    with open(os.path.join(directory, PREPROCESSOR_NAME), "w", encoding="utf-8") as f:
+        json.dump(preprocessor, f, indent=2)
+
+
+# ----------------------------------------------------------------------------- random weights
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Seeded random weights in the real shapes, away from init values (alphas != 1, biases != 0), scaled
+    so activations stay O(1) through the network: for tests and demos, not for listening."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def fill(t: torch.Tensor, std: float = 1.0, mean: float = 0.0):
+        t.copy_(torch.randn(t.shape, generator=gen) * std + mean)
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ConvTranspose1d):
+            fan_in = module.in_channels * module.kernel_size[0] / module.stride[0]
+            fill(module.weight, 1.0 / math.sqrt(fan_in))
+            fill(module.bias, 0.05)
+        elif isinstance(module, nn.Conv1d):
+            fan_in = module.in_channels * module.kernel_size[0]
+            # Residual branches scaled down so the residual stream does not grow layer after layer.
+            scale = 0.5 if name.endswith("conv2") and "res_unit" in name else 1.0
+            fill(module.weight, scale / math.sqrt(fan_in))
+            fill(module.bias, 0.05)
+        elif isinstance(module, nn.Embedding):
+            fill(module.weight)
+        elif hasattr(module, "alpha") and isinstance(module.alpha, nn.Parameter):
+            module.alpha.copy_(torch.rand(module.alpha.shape, generator=gen) * 1.5 + 0.5)
+    return model

@@ -1,0 +1,579 @@
+"""DAC model with transformers' module tree and parameter names, running dac_fast's fused ops.
+
+The submodules mirror ``transformers.models.dac.modeling_dac`` one for one, so state dicts are
+interchangeable. All fused arithmetic goes through ``dac_fast.ops`` (the one dispatch point);
+with ``backend="torch"`` every op is the reference arithmetic.
+
+Shapes: B batch, T samples, F latent frames (T / hop_length), D latent width, N codebooks,
+d codebook dimension.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .configuration import DacConfig
+from .outputs import DacDecoderOutput, DacEncoderOutput, DacOutput
+
+
+class Snake1d(nn.Module):
+    """Snake activation with a learned per-channel ``alpha`` of shape (1, C, 1)."""
+
+    def __init__(self, hidden_dim: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, hidden_dim, 1))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) -> (B, C, T)."""
+        return ops.snake(hidden_states, self.alpha)
+
+
+class DacVectorQuantize(nn.Module):
+    """One codebook: factorized (in_proj to d dims), L2-normalized nearest-neighbour lookup."""
+
+    def __init__(self, config: DacConfig):
+        super().__init__()
+        self.codebook_dim = config.codebook_dim
+        self.in_proj = nn.Conv1d(config.hidden_size, config.codebook_dim, kernel_size=1)
+        self.out_proj = nn.Conv1d(config.codebook_dim, config.hidden_size, kernel_size=1)
+        self.codebook = nn.Embedding(config.codebook_size, config.codebook_dim)
+
+    def forward(self, hidden_state: torch.Tensor):
+        """(B, D, F) -> quantized (B, D, F), commitment_loss, codebook_loss, codes (B, F), latents (B, d, F)."""
+        projected_latents = self.in_proj(hidden_state)
+        quantized_representation, audio_codes = self.decode_latents(projected_latents)
+        commitment_loss = F.mse_loss(projected_latents, quantized_representation.detach(), reduction="mean")
+        codebook_loss = F.mse_loss(quantized_representation, projected_latents.detach(), reduction="mean")
+        # Straight-through estimator: identity forward, gradient to the encoder backward.
+        quantized_representation = projected_latents + (quantized_representation - projected_latents).detach()
+        quantized_representation = self.out_proj(quantized_representation)
+        return quantized_representation, commitment_loss, codebook_loss, audio_codes, projected_latents
+
+    def decode_latents(self, hidden_states: torch.Tensor):
+        """(B, d, F) -> un-normalized codebook rows (B, d, F), codes (B, F)."""
+        batch_size, hidden_dim, sequence_length = hidden_states.shape
+        encodings = hidden_states.permute(0, 2, 1).reshape(batch_size * sequence_length, hidden_dim)
+        encodings = F.normalize(encodings)
+        codebook = F.normalize(self.codebook.weight)
+        l2_norm = encodings.pow(2).sum(1, keepdim=True)
+        dist = -(l2_norm - 2 * encodings @ codebook.t()) + codebook.pow(2).sum(1, keepdim=True).t()
+        indices = dist.max(1)[1].reshape(batch_size, -1)
+        quantized_representation = self.codebook(indices).transpose(1, 2)
+        return quantized_representation, indices
+
+
+class DacResidualUnit(nn.Module):
+    """Snake, dilated conv k=7, Snake, conv k=1, plus the (centre-cropped) input."""
+
+    def __init__(self, dimension: int = 16, dilation: int = 1):
+        super().__init__()
+        pad = ((7 - 1) * dilation) // 2
+        self.snake1 = Snake1d(dimension)
+        self.conv1 = nn.Conv1d(dimension, dimension, kernel_size=7, dilation=dilation, padding=pad)
+        self.snake2 = Snake1d(dimension)
+        self.conv2 = nn.Conv1d(dimension, dimension, kernel_size=1)
+
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) -> (B, C, T)."""
+        output_tensor = self.conv2(self.snake2(self.conv1(self.snake1(hidden_state))))
+        padding = (hidden_state.shape[-1] - output_tensor.shape[-1]) // 2
+        if padding > 0:
+            hidden_state = hidden_state[..., padding:-padding]
+        return hidden_state + output_tensor
+
+
+class DacEncoderBlock(nn.Module):
+    """Three residual units (dilations 1, 3, 9), Snake, strided conv doubling the channels."""
+
+    def __init__(self, config: DacConfig, stride: int = 1, stride_index: int = 1):
+        super().__init__()
+        dimension = config.encoder_hidden_size * 2**stride_index
+        self.res_unit1 = DacResidualUnit(dimension // 2, dilation=1)
+        self.res_unit2 = DacResidualUnit(dimension // 2, dilation=3)
+        self.res_unit3 = DacResidualUnit(dimension // 2, dilation=9)
+        self.snake1 = Snake1d(dimension // 2)
+        self.conv1 = nn.Conv1d(
+            dimension // 2, dimension, kernel_size=2 * stride, stride=stride, padding=math.ceil(stride / 2)
+        )
+
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) -> (B, 2C, T / stride)."""
+        hidden_state = self.res_unit2(self.res_unit1(hidden_state))
+        hidden_state = self.snake1(self.res_unit3(hidden_state))
+        return self.conv1(hidden_state)
+
+
+class DacDecoderBlock(nn.Module):
+    """Snake, transposed conv halving the channels, three residual units (dilations 1, 3, 9)."""
+
+    def __init__(self, config: DacConfig, stride: int = 1, stride_index: int = 1):
+        super().__init__()
+        input_dim = config.decoder_hidden_size // 2**stride_index
+        output_dim = config.decoder_hidden_size // 2 ** (stride_index + 1)
+        self.snake1 = Snake1d(input_dim)
+        self.conv_t1 = nn.ConvTranspose1d(
+            input_dim, output_dim, kernel_size=2 * stride, stride=stride, padding=math.ceil(stride / 2)
+        )
+        self.res_unit1 = DacResidualUnit(output_dim, dilation=1)
+        self.res_unit2 = DacResidualUnit(output_dim, dilation=3)
+        self.res_unit3 = DacResidualUnit(output_dim, dilation=9)
+
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) -> (B, C / 2, T * stride)."""
+        hidden_state = self.conv_t1(self.snake1(hidden_state))
+        hidden_state = self.res_unit2(self.res_unit1(hidden_state))
+        return self.res_unit3(hidden_state)
+
+
+class DacResidualVectorQuantizer(nn.Module):
+    """Residual vector quantizer over ``n_codebooks`` codebooks (SoundStream / improved VQGAN)."""
+
+    def __init__(self, config: DacConfig):
+        super().__init__()
+        self.n_codebooks = config.n_codebooks
+        self.quantizer_dropout = config.quantizer_dropout
+        self.quantizers = nn.ModuleList([DacVectorQuantize(config) for _ in range(config.n_codebooks)])
+        self.mode = "exact"  # "fast" trades exact agreement with transformers for speed (opt-in)
+
+    def stacked_parameters(self):
+        """Codebook parameters stacked for the fused ops: in_proj (N, d, D), (N, d); codebook (N, K, d);
+        out_proj (N, D, d), (N, D)."""
+        qs = self.quantizers
+        return (
+            torch.stack([q.in_proj.weight[..., 0] for q in qs]),
+            torch.stack([q.in_proj.bias for q in qs]),
+            torch.stack([q.codebook.weight for q in qs]),
+            torch.stack([q.out_proj.weight[..., 0] for q in qs]),
+            torch.stack([q.out_proj.bias for q in qs]),
+        )
+
+    def forward(self, hidden_state: torch.Tensor, n_quantizers: int | None = None):
+        """(B, D, F) -> quantized (B, D, F), codes (B, n, F), latents (B, n * d, F), commitment_loss (B,),
+        codebook_loss (B,). In training, quantizer dropout draws the number of codebooks per item."""
+        n_quantizers = n_quantizers if n_quantizers is not None else self.n_codebooks
+        if not self.training and not (torch.is_grad_enabled() and hidden_state.requires_grad):
+            return self._forward_inference(hidden_state, n_quantizers)
+        return self._forward_reference(hidden_state, n_quantizers)
+
+    def _forward_inference(self, hidden_state: torch.Tensor, n_quantizers: int):
+        in_w, in_b, codebook, out_w, out_b = self.stacked_parameters()
+        codes, quantized, latents = ops.rvq_encode(
+            hidden_state, in_w, in_b, codebook, out_w, out_b, n_quantizers, mode=self.mode
+        )
+        # The losses as the reference computes them: mean squared distance between each latent and its
+        # codebook row, summed over codebooks, one value per batch item.
+        batch = hidden_state.shape[0]
+        d = codebook.shape[-1]
+        commitment_loss = 0
+        for i in range(n_quantizers):
+            rows = F.embedding(codes[:, i], codebook[i]).transpose(1, 2)
+            loss_i = F.mse_loss(latents[:, i * d : (i + 1) * d], rows, reduction="mean")
+            commitment_loss = commitment_loss + loss_i * torch.ones(batch, dtype=torch.bool, device=codes.device)
+        return quantized, codes, latents, commitment_loss, commitment_loss
+
+    def _forward_reference(self, hidden_state: torch.Tensor, n_quantizers):
+        quantized_representation = 0
+        residual = hidden_state
+        commitment_loss = 0
+        codebook_loss = 0
+        audio_codes = []
+        projected_latents = []
+        if self.training:
+            n_quantizers = torch.ones((hidden_state.shape[0],)) * self.n_codebooks + 1
+            dropout = torch.randint(1, self.n_codebooks + 1, (hidden_state.shape[0],))
+            n_dropout = int(hidden_state.shape[0] * self.quantizer_dropout)
+            n_quantizers[:n_dropout] = dropout[:n_dropout]
+            n_quantizers = n_quantizers.to(hidden_state.device)
+        for i, quantizer in enumerate(self.quantizers):
+            if self.training is False and i >= n_quantizers:
+                break
+            quantized_i, commitment_loss_i, codebook_loss_i, indices_i, latents_i = quantizer(residual)
+            mask = torch.full((hidden_state.shape[0],), i, device=hidden_state.device, dtype=torch.long) < n_quantizers
+            quantized_representation = quantized_representation + quantized_i * mask[:, None, None]
+            residual = residual - quantized_i
+            commitment_loss += commitment_loss_i * mask
+            codebook_loss += codebook_loss_i * mask
+            audio_codes.append(indices_i)
+            projected_latents.append(latents_i)
+        audio_codes = torch.stack(audio_codes, dim=1)
+        projected_latents = torch.cat(projected_latents, dim=1)
+        return quantized_representation, audio_codes, projected_latents, commitment_loss, codebook_loss
+
+    def from_codes(self, audio_codes: torch.Tensor):
+        """codes (B, n, F) -> quantized (B, D, F), latents (B, n * d, F), codes."""
+        n = audio_codes.shape[1]
+        _, _, codebook, out_w, out_b = self.stacked_parameters()
+        codebook, out_w, out_b = codebook[:n], out_w[:n], out_b[:n]
+        quantized = ops.rvq_decode(audio_codes, codebook, out_w, out_b)
+        latents = torch.cat([F.embedding(audio_codes[:, i], codebook[i]).transpose(1, 2) for i in range(n)], dim=1)
+        return quantized, latents, audio_codes
+
+    def from_latents(self, latents: torch.Tensor):
+        """latents (B, n * d, F) -> quantized (B, D, F), quantized latents (B, n * d, F).
+
+        Unlike transformers 5.x (issue #43819) the straight-through step detaches the quantization error,
+        so gradients reach ``latents``.
+        """
+        d = self.quantizers[0].codebook_dim
+        n = min(latents.shape[1] // d, self.n_codebooks)
+        if n < 1:
+            raise ValueError(f"latents must have at least {d} channels (one codebook), got shape {tuple(latents.shape)}")
+        quantized_representation = 0
+        quantized_latents = []
+        for i in range(n):
+            chunk = latents[:, i * d : (i + 1) * d, :]
+            quantized_i, _ = self.quantizers[i].decode_latents(chunk)
+            quantized_latents.append(quantized_i)
+            with_ste = chunk + (quantized_i - chunk).detach()
+            quantized_representation = quantized_representation + self.quantizers[i].out_proj(with_ste)
+        return quantized_representation, torch.cat(quantized_latents, dim=1)
+
+
+class DacDecoder(nn.Module):
+    """Latent (B, D, F) -> audio (B, 1, F * hop_length)."""
+
+    def __init__(self, config: DacConfig):
+        super().__init__()
+        channels = config.decoder_hidden_size
+        self.conv1 = nn.Conv1d(config.hidden_size, channels, kernel_size=7, padding=3)
+        self.block = nn.ModuleList(
+            [DacDecoderBlock(config, stride, i) for i, stride in enumerate(config.upsampling_ratios)]
+        )
+        output_dim = channels // 2 ** len(config.upsampling_ratios)
+        self.snake1 = Snake1d(output_dim)
+        self.conv2 = nn.Conv1d(output_dim, 1, kernel_size=7, padding=3)
+        self.tanh = nn.Tanh()
+
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        hidden_state = self.conv1(hidden_state)
+        for layer in self.block:
+            hidden_state = layer(hidden_state)
+        return self.tanh(self.conv2(self.snake1(hidden_state)))
+
+
+class DacEncoder(nn.Module):
+    """Audio (B, 1, T) -> latent (B, D, T / hop_length)."""
+
+    def __init__(self, config: DacConfig):
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, config.encoder_hidden_size, kernel_size=7, padding=3)
+        self.block = nn.ModuleList(
+            [DacEncoderBlock(config, stride=s, stride_index=i + 1) for i, s in enumerate(config.downsampling_ratios)]
+        )
+        d_model = config.encoder_hidden_size * 2 ** len(config.downsampling_ratios)
+        self.snake1 = Snake1d(d_model)
+        self.conv2 = nn.Conv1d(d_model, config.hidden_size, kernel_size=3, padding=1)
+
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        hidden_state = self.conv1(hidden_state)
+        for module in self.block:
+            hidden_state = module(hidden_state)
+        return self.conv2(self.snake1(hidden_state))
+
+
+# ----------------------------------------------------------------------------- time tiles
+def encoder_halo_frames(config: DacConfig) -> int:
+    """Frames of context on each side beyond which an encoder output frame does not depend on its input."""
+    reach, rate = 3, 1  # conv1, k=7
+    for s in config.downsampling_ratios:
+        reach += 3 * (1 + 3 + 9) * rate  # three residual units, k=7, dilations 1, 3, 9
+        p = math.ceil(s / 2)
+        reach += max(p, 2 * s - 1 - p) * rate  # strided conv k=2s
+        rate *= s
+    reach += 1 * rate  # conv2, k=3
+    return math.ceil(reach / config.hop_length) + 1
+
+
+def decoder_halo_frames(config: DacConfig) -> int:
+    """Latent frames of context on each side that a decoded sample depends on."""
+    rate = config.hop_length  # output samples per element at the current level
+    reach = 3 * rate  # conv1, k=7
+    for s in config.upsampling_ratios:
+        reach += 2 * rate  # transposed conv k=2s: each output sees <= 2 inputs per side
+        rate //= s
+        reach += 3 * (1 + 3 + 9) * rate
+    reach += 3  # conv2, k=7
+    return math.ceil(reach / config.hop_length) + 1
+
+
+def decoded_length(config: DacConfig, n_frames: int) -> int:
+    """Samples the decoder produces for ``n_frames`` latent frames: n_frames * hop_length, less one sample per
+    odd-stride transposed convolution (transformers and the original have no output_padding)."""
+    length = n_frames
+    for s in config.upsampling_ratios:
+        length = (length - 1) * s - 2 * math.ceil(s / 2) + 2 * s
+    return length
+
+
+def _tiles(n_frames: int, tile: int, halo: int):
+    """Yield (start, stop, context_start, context_stop) in frames."""
+    for start in range(0, n_frames, tile):
+        stop = min(n_frames, start + tile)
+        yield start, stop, max(0, start - halo), min(n_frames, stop + halo)
+
+
+# ----------------------------------------------------------------------------- input checks
+def _check_audio(input_values: torch.Tensor) -> None:
+    if not isinstance(input_values, torch.Tensor):
+        raise TypeError(f"input_values must be a torch.Tensor of shape (batch, 1, samples), got {type(input_values).__name__}")
+    if input_values.dim() != 3 or input_values.shape[1] != 1:
+        raise ValueError(
+            f"input_values must have shape (batch, 1, samples) (mono audio), got {tuple(input_values.shape)}"
+        )
+    if not input_values.is_floating_point():
+        raise TypeError(f"input_values must be floating point audio in [-1, 1], got dtype {input_values.dtype}")
+    if input_values.shape[0] == 0 or input_values.shape[-1] == 0:
+        raise ValueError(f"input_values is empty: shape {tuple(input_values.shape)}")
+    if not torch.isfinite(input_values).all():
+        raise ValueError("input_values contains NaN or Inf samples")
+
+
+class DacModel(nn.Module):
+    """The DAC codec: encoder, residual vector quantizer, decoder.
+
+    Drop-in for ``transformers.DacModel``: same config, parameter names, encode/decode/forward
+    signatures and output classes.
+    """
+
+    main_input_name = "input_values"
+
+    def __init__(self, config: DacConfig, backend: str | None = None):
+        super().__init__()
+        self.config = config
+        self.encoder = DacEncoder(config)
+        self.decoder = DacDecoder(config)
+        self.quantizer = DacResidualVectorQuantizer(config)
+        self.bits_per_codebook = int(math.log2(config.codebook_size))
+        self.backend = backend or os.environ.get("DAC_FAST_BACKEND", "auto")
+        # Inference tiles, in latent frames; None disables tiling.
+        self.encode_tile_frames: int | None = 256
+        self.decode_tile_frames: int | None = 256
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """transformers' initialization (random weights; checkpoints overwrite them)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv1d):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.constant_(module.bias, 0)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # ------------------------------------------------------------------ checks
+    def _check_n_quantizers(self, n_quantizers) -> int:
+        n = self.config.n_codebooks
+        if n_quantizers is None:
+            return n
+        if isinstance(n_quantizers, torch.Tensor) and n_quantizers.numel() == 1:
+            n_quantizers = int(n_quantizers.item())
+        if isinstance(n_quantizers, bool) or not isinstance(n_quantizers, int) or not 1 <= n_quantizers <= n:
+            raise ValueError(f"n_quantizers must be an integer in [1, {n}], got {n_quantizers!r}")
+        return n_quantizers
+
+    def _check_codes(self, audio_codes: torch.Tensor) -> None:
+        if not isinstance(audio_codes, torch.Tensor) or audio_codes.dim() != 3:
+            shape = tuple(audio_codes.shape) if isinstance(audio_codes, torch.Tensor) else type(audio_codes).__name__
+            raise ValueError(f"audio_codes must be a tensor of shape (batch, n_codebooks, frames), got {shape}")
+        if audio_codes.is_floating_point() or audio_codes.is_complex() or audio_codes.dtype == torch.bool:
+            raise TypeError(f"audio_codes must be an integer tensor, got dtype {audio_codes.dtype}")
+        n = audio_codes.shape[1]
+        if not 1 <= n <= self.config.n_codebooks:
+            raise ValueError(f"audio_codes has {n} codebooks; this model has {self.config.n_codebooks}")
+        if audio_codes.numel() == 0:
+            raise ValueError(f"audio_codes is empty: shape {tuple(audio_codes.shape)}")
+        lo, hi = int(audio_codes.min()), int(audio_codes.max())
+        if lo < 0 or hi >= self.config.codebook_size:
+            raise ValueError(
+                f"audio_codes must lie in [0, {self.config.codebook_size}), got values in [{lo}, {hi}]"
+            )
+
+    def _tiling(self, tile_frames: int | None, default: int | None, n_frames: int, requires_grad: bool):
+        """The tile length to use, or None to run untiled."""
+        tile = default if tile_frames is None else tile_frames
+        if tile is not None and tile < 1:
+            raise ValueError(f"tile_frames must be a positive number of frames, got {tile}")
+        if tile is None or requires_grad or n_frames <= tile:
+            return None
+        return tile
+
+    # ------------------------------------------------------------------ encode
+    def encode(
+        self,
+        input_values: torch.Tensor,
+        n_quantizers: int | None = None,
+        return_dict: bool | None = None,
+        tile_frames: int | None = None,
+    ):
+        """Encode audio (B, 1, T) into codes.
+
+        Returns ``DacEncoderOutput(loss (B,), quantized_representation (B, D, F), audio_codes (B, n, F),
+        projected_latents (B, n * d, F))`` or that tuple. In inference (no autograd), inputs of more than
+        ``tile_frames`` frames (default ``self.encode_tile_frames``) run in time tiles with enough context
+        that the codes equal the untiled ones; 0 < tile_frames; pass a large value to disable.
+        """
+        _check_audio(input_values)
+        n_quantizers = self._check_n_quantizers(n_quantizers)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        with ops.backend(self.backend):
+            latent = self._encode_latent(input_values, tile_frames)
+            quantized, codes, latents, commitment_loss, codebook_loss = self.quantizer(latent, n_quantizers)
+        loss = self.config.commitment_loss_weight * commitment_loss + self.config.codebook_loss_weight * codebook_loss
+        if not return_dict:
+            return (loss, quantized, codes, latents)
+        return DacEncoderOutput(loss, quantized, codes, latents)
+
+    def _encode_latent(self, input_values: torch.Tensor, tile_frames: int | None) -> torch.Tensor:
+        hop = self.config.hop_length
+        length = input_values.shape[-1]
+        requires_grad = torch.is_grad_enabled() and (
+            input_values.requires_grad or any(p.requires_grad for p in self.encoder.parameters())
+        )
+        tile = self._tiling(tile_frames, self.encode_tile_frames, length // hop, requires_grad)
+        if tile is None or length % hop:
+            return self.encoder(input_values)
+        n_frames = length // hop
+        halo = encoder_halo_frames(self.config)
+        out = None
+        for start, stop, ctx_start, ctx_stop in _tiles(n_frames, tile, halo):
+            latent = self.encoder(input_values[..., ctx_start * hop : ctx_stop * hop])
+            if out is None:
+                out = latent.new_empty(latent.shape[0], latent.shape[1], n_frames)
+            out[..., start:stop] = latent[..., start - ctx_start : stop - ctx_start]
+        return out
+
+    # ------------------------------------------------------------------ decode
+    def decode(
+        self,
+        quantized_representation: torch.Tensor | None = None,
+        audio_codes: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        tile_frames: int | None = None,
+    ):
+        """Decode a quantized representation (B, D, F), or codes (B, n, F) which take precedence, into
+        ``DacDecoderOutput(audio_values (B, F * hop_length))``. Tiled in inference like ``encode``."""
+        if quantized_representation is None and audio_codes is None:
+            raise ValueError("Either `quantized_representation` or `audio_codes` must be provided.")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        with ops.backend(self.backend):
+            if audio_codes is not None:
+                self._check_codes(audio_codes)
+                quantized_representation = self.quantizer.from_codes(audio_codes)[0]
+            else:
+                self._check_latent(quantized_representation)
+            audio_values = self._decode_latent(quantized_representation, tile_frames).squeeze(1)
+        if not return_dict:
+            return (audio_values,)
+        return DacDecoderOutput(audio_values)
+
+    def _check_latent(self, z: torch.Tensor) -> None:
+        d = self.config.hidden_size
+        if not isinstance(z, torch.Tensor) or z.dim() != 3 or z.shape[1] != d:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"quantized_representation must have shape (batch, {d}, frames), got {shape}")
+        if not z.is_floating_point():
+            raise TypeError(f"quantized_representation must be floating point, got dtype {z.dtype}")
+
+    def _decode_latent(self, z: torch.Tensor, tile_frames: int | None) -> torch.Tensor:
+        hop = self.config.hop_length
+        n_frames = z.shape[-1]
+        requires_grad = torch.is_grad_enabled() and (
+            z.requires_grad or any(p.requires_grad for p in self.decoder.parameters())
+        )
+        tile = self._tiling(tile_frames, self.decode_tile_frames, n_frames, requires_grad)
+        if tile is None:
+            return self.decoder(z)
+        halo = decoder_halo_frames(self.config)
+        length = decoded_length(self.config, n_frames)
+        out = None
+        # Tile output sample k is full output sample k + ctx_start * hop, whatever the strides.
+        for start, stop, ctx_start, ctx_stop in _tiles(n_frames, tile, halo):
+            audio = self.decoder(z[..., ctx_start:ctx_stop])
+            if out is None:
+                out = audio.new_empty(audio.shape[0], audio.shape[1], length)
+            width = min(stop * hop, length) - start * hop
+            offset = (start - ctx_start) * hop
+            out[..., start * hop : start * hop + width] = audio[..., offset : offset + width]
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_values: torch.Tensor, n_quantizers: int | None = None, return_dict: bool | None = None):
+        """Encode then decode (B, 1, T). Returns ``DacOutput(loss, audio_values (B, T), quantized_representation,
+        audio_codes, projected_latents)`` or that tuple."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        length = input_values.shape[-1]
+        loss, quantized, codes, latents = self.encode(input_values, n_quantizers, return_dict=False)
+        audio_values = self.decode(quantized, return_dict=False)[0][..., :length]
+        if not return_dict:
+            return (loss, audio_values, quantized, codes, latents)
+        return DacOutput(loss, audio_values, quantized, codes, latents)
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(cls, path_or_id, *, device=None, dtype=None, backend=None, **hub_kwargs) -> "DacModel":
+        """Load a transformers-format checkpoint: a local directory (config.json + model.safetensors or
+        pytorch_model.bin) or a hub id (local Hugging Face cache, or huggingface_hub when reachable)."""
+        from .loading import load_pretrained
+
+        return load_pretrained(cls, path_or_id, device=device, dtype=dtype, backend=backend, **hub_kwargs)
+
+    @classmethod
+    def from_original(cls, path, *, device=None, dtype=None, backend=None) -> "DacModel":
+        """Load an original descript-audio-codec ``.pth`` checkpoint (weight-norm pairs folded at load)."""
+        from .loading import load_original
+
+        return load_original(cls, path, device=device, dtype=dtype, backend=backend)
+
+    @classmethod
+    def from_transformers(cls, hf_model, *, backend=None) -> "DacModel":
+        """Convert an in-memory ``transformers.DacModel`` (weights copied, same device and dtype)."""
+        from .loading import convert_transformers
+
+        return convert_transformers(cls, hf_model, backend=backend)
+
+    @classmethod
+    def from_preset(cls, name: str, *, seed: int = 0, device=None, dtype=None, backend=None) -> "DacModel":
+        """A model in the real shapes of preset ``name`` with seeded RANDOM weights (for tests and demos:
+        it does not produce meaningful audio)."""
+        from .loading import randomize_
+
+        model = cls(DacConfig.from_preset(name), backend=backend)
+        randomize_(model, seed)
+        return model.to(device=device, dtype=dtype).eval()
+
+    def save_pretrained(self, directory) -> None:
+        """Write config.json, model.safetensors and preprocessor_config.json, loadable by transformers."""
+        from .loading import save_pretrained
+
+        save_pretrained(self, directory)
+
+    # ------------------------------------------------------------------ weight norm (training)
+    def _weight_norm_modules(self):
+        for module in self.modules():
+            if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
+                yield module
+
+    def apply_weight_norm(self) -> None:
+        """Reparametrize every convolution as g * v / ||v|| (dim 0), as in the original training setup."""
+        for module in self._weight_norm_modules():
+            nn.utils.parametrizations.weight_norm(module)
+
+    def remove_weight_norm(self) -> None:
+        """Fold weight-norm parametrizations back into plain weights."""
+        for module in self._weight_norm_modules():
+            if nn.utils.parametrize.is_parametrized(module, "weight"):
+                nn.utils.parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
