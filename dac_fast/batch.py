@@ -134,7 +134,7 @@ def load_model(spec: Any = "44khz", device: str | None = None, dtype: Any = None
     """
     import torch
 
-    if isinstance(spec, torch.nn.Module):
+    if isinstance(spec, torch.nn.Module) or (hasattr(spec, "encode") and hasattr(spec, "config")):
         model = spec
     else:
         spec_s = str(spec)

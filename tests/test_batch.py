@@ -1,0 +1,226 @@
+"""encode_files / decode_files: round trip, exact bucketing, tiling, bad inputs, resume.
+
+Uses the 16khz preset (seeded random weights, hop 320) and clips of at most 1 s.
+"""
+
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+
+sf = pytest.importorskip("soundfile")
+pytest.importorskip("soxr")
+pytest.importorskip("pyloudnorm")
+torch = pytest.importorskip("torch")
+
+from dac_fast import io as aio  # noqa: E402
+from dac_fast.batch import decode_files, encode_files, load_model, model_rate_and_hop  # noqa: E402
+from dac_fast.dacfile import DacFile, load_any  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(2)
+    return load_model("16khz", quiet=True)
+
+
+class CountingModel:
+    """Wraps a model and counts encode/decode calls and rows."""
+
+    def __init__(self, m):
+        self.m, self.config = m, m.config
+        self.encode_calls, self.decode_calls, self.rows = 0, 0, []
+
+    def encode(self, x, **kw):
+        self.encode_calls += 1
+        self.rows.append(x.shape[0])
+        return self.m.encode(x, **kw)
+
+    def decode(self, **kw):
+        self.decode_calls += 1
+        return self.m.decode(**kw)
+
+    def parameters(self):
+        return self.m.parameters()
+
+    def eval(self):
+        return self
+
+    def to(self, *a, **k):
+        return self
+
+
+def _clip(path, sr, seconds, channels=1, seed=0, subtype=None):
+    rng = np.random.default_rng(seed)
+    n = int(round(sr * seconds))
+    t = np.arange(n) / sr
+    x = np.stack([0.3 * np.sin(2 * np.pi * (200 + 90 * c + 50 * seed) * t) + 0.02 * rng.standard_normal(n)
+                  for c in range(channels)]).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, x.T, sr, subtype=subtype)
+    return path
+
+
+def test_roundtrip_restores_length_rate_channels(tmp_path, model):
+    src = tmp_path / "in"
+    specs = {"stereo.wav": (22050, 0.4, 2), "sub/mono.flac": (16000, 0.3, 1), "three.wav": (48000, 0.25, 3),
+             "tiny.wav": (8000, 0.01, 1)}
+    for i, (name, (sr, s, c)) in enumerate(specs.items()):
+        _clip(src / name, sr, s, c, seed=i)
+    rep = encode_files([src], tmp_path / "codes", model, batch_size=4, progress=False)
+    assert rep.ok, rep.summary()
+    assert len(rep.done) == 4 and rep.audio_seconds == pytest.approx(sum(s for _, s, _ in specs.values()), rel=1e-3)
+    sr_m, hop = model_rate_and_hop(model)
+    for name, (sr, s, c) in specs.items():
+        f = DacFile.load((tmp_path / "codes" / name).with_suffix(".dac"))
+        n = int(round(sr * s))
+        assert f.codes.shape == (c, 12, math.ceil(math.ceil(n * sr_m / sr) / hop))
+        assert (f.sample_rate, f.original_length, f.channels, f.chunk_length, f.padding) == (sr, n, c, f.frames, True)
+    rep = decode_files([tmp_path / "codes"], tmp_path / "out", model, batch_size=4, progress=False)
+    assert rep.ok, rep.summary()
+    for name, (sr, s, c) in specs.items():
+        info = sf.info(str((tmp_path / "out" / name).with_suffix(".wav")))
+        assert (info.samplerate, info.channels, info.frames) == (sr, c, int(round(sr * s)))
+
+
+def test_bucketed_batches_equal_per_file_codes(tmp_path, model):
+    src = tmp_path / "in"
+    # three items with the same frame count (one stereo), one shorter, one at another rate
+    _clip(src / "a.wav", 16000, 0.4, 1, seed=1)
+    _clip(src / "b.wav", 16000, 0.4, 2, seed=2)
+    _clip(src / "c.wav", 16000, 0.39, 1, seed=3)  # 6240 samples -> 20 frames like 6400
+    _clip(src / "d.wav", 16000, 0.25, 1, seed=4)
+    _clip(src / "e.wav", 32000, 0.4, 1, seed=5)
+    counted = CountingModel(model)
+    rep = encode_files([src], tmp_path / "batched", counted, batch_size=8, progress=False)
+    assert rep.ok
+    assert max(counted.rows) >= 4  # a, b (2 rows), c, e share one batch: all 20 frames
+    rep1 = encode_files([src], tmp_path / "single", model, batch_size=1, progress=False)
+    assert rep1.ok
+    for name in "abcde":
+        cb = DacFile.load(tmp_path / "batched" / f"{name}.dac").codes
+        cs = DacFile.load(tmp_path / "single" / f"{name}.dac").codes
+        np.testing.assert_array_equal(cb, cs, err_msg=name)
+    # and equal to calling the model directly on the file alone, as the original compress does
+    audio, sr = aio.read_audio(src / "c.wav")
+    x, _ = aio.prepare_for_encoding(audio, sr, 16000)
+    n = x.shape[-1]
+    x = np.pad(x, ((0, 0), (0, math.ceil(n / 320) * 320 - n)))
+    with torch.inference_mode():
+        direct = model.encode(torch.from_numpy(x)[:, None]).audio_codes.numpy()
+    np.testing.assert_array_equal(DacFile.load(tmp_path / "batched" / "c.dac").codes, direct)
+
+
+def test_pad_bucket_mode_trims_to_own_frames(tmp_path, model):
+    src = tmp_path / "in"
+    _clip(src / "long.wav", 16000, 0.5, 1, seed=1)
+    _clip(src / "short.wav", 16000, 0.21, 1, seed=2)
+    counted = CountingModel(model)
+    rep = encode_files([src], tmp_path / "o", counted, batch_size=2, bucket="pad", progress=False)
+    assert rep.ok and counted.encode_calls == 1
+    assert DacFile.load(tmp_path / "o" / "short.dac").frames == math.ceil(0.21 * 16000 / 320)
+    assert DacFile.load(tmp_path / "o" / "long.dac").frames == 25
+
+
+def test_tiled_long_file_codes_equal_whole_file_codes(tmp_path, model):
+    import inspect
+
+    if "tile_frames" not in inspect.signature(model.encode).parameters:
+        pytest.skip("model has no tile_frames (stand-in model)")
+    _clip(tmp_path / "in" / "long.wav", 16000, 1.0, 1, seed=7)
+    encode_files([tmp_path / "in"], tmp_path / "whole", model, tile_frames=10**6, progress=False)
+    encode_files([tmp_path / "in"], tmp_path / "tiled", model, tile_frames=8, progress=False)
+    a = DacFile.load(tmp_path / "whole" / "long.dac").codes
+    b = DacFile.load(tmp_path / "tiled" / "long.dac").codes
+    assert a.shape == (1, 12, 50)
+    np.testing.assert_array_equal(a, b)
+
+
+def _make_bad(d):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "empty.wav").write_bytes(b"")
+    (d / "corrupt.flac").write_bytes(os.urandom(3000))
+    sf.write(d / "zero.wav", np.zeros((0, 1), np.float32), 16000)
+    _clip(d / "full.wav", 16000, 0.5)
+    b = (d / "full.wav").read_bytes()
+    (d / "truncated.wav").write_bytes(b[: len(b) // 2])
+    (d / "full.wav").unlink()
+    x = np.full((1600, 1), 0.1, np.float32)
+    x[5] = np.nan
+    sf.write(d / "nan.wav", x, 16000, subtype="FLOAT")
+    return {"empty.wav": "empty", "corrupt.flac": "unreadable", "zero.wav": "zero-length",
+            "truncated.wav": "truncated", "nan.wav": "NaN"}
+
+
+def test_bad_files_reported_and_skipped(tmp_path, model):
+    src = tmp_path / "in"
+    bad = _make_bad(src)
+    _clip(src / "good1.wav", 16000, 0.2, seed=1)
+    _clip(src / "good2.ogg", 24000, 0.2, 2, seed=2)
+    rep = encode_files([src, tmp_path / "missing.wav", str(tmp_path / "nomatch*.wav")], tmp_path / "o", model,
+                       progress=False)
+    assert not rep.ok
+    assert sorted(os.path.basename(o) for _, o in rep.done) == ["good1.dac", "good2.dac"]
+    reasons = {os.path.basename(f.path): f.reason for f in rep.failures}
+    for name, why in bad.items():
+        assert why in reasons[name], (name, reasons.get(name))
+    assert "no such file" in reasons["missing.wav"] and "glob matched no files" in reasons["nomatch*.wav"]
+    assert str(src / "nan.wav") in rep.summary()
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["good1.dac", "good2.dac"]
+    # decode side: a corrupt .dac among good ones
+    (tmp_path / "o" / "broken.dac").write_bytes(b"\x93NUMPY garbage")
+    rep = decode_files([tmp_path / "o"], tmp_path / "dec", model, progress=False)
+    assert [os.path.basename(f.path) for f in rep.failures] == ["broken.dac"]
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["good1.wav", "good2.wav"]
+
+
+def test_resume_skips_complete_outputs_and_overwrite_redoes(tmp_path, model):
+    src = tmp_path / "in"
+    _clip(src / "a.wav", 16000, 0.2, seed=1)
+    _clip(src / "b.wav", 16000, 0.3, seed=2)
+    rep = encode_files([src], tmp_path / "o", model, progress=False)
+    assert len(rep.done) == 2
+    outs = sorted((tmp_path / "o").iterdir())
+    mt = {p.name: p.stat().st_mtime_ns for p in outs}
+    # a leftover temp file from a killed run is cleaned up, never taken for an output
+    (tmp_path / "o" / (aio.TMP_PREFIX + "c.x.dac")).write_bytes(b"partial")
+    counted = CountingModel(model)
+    rep = encode_files([src], tmp_path / "o", counted, progress=False)
+    assert rep.ok and len(rep.skipped) == 2 and not rep.done and counted.encode_calls == 0
+    assert {p.name: p.stat().st_mtime_ns for p in sorted((tmp_path / "o").iterdir())} == mt
+    time.sleep(0.01)
+    rep = encode_files([src], tmp_path / "o", model, overwrite=True, progress=False)
+    assert len(rep.done) == 2
+    for p in outs:
+        assert p.stat().st_mtime_ns > mt[p.name]
+    # decode resumes too
+    decode_files([tmp_path / "o"], tmp_path / "d", model, progress=False)
+    rep = decode_files([tmp_path / "o"], tmp_path / "d", model, progress=False)
+    assert len(rep.skipped) == 2 and not rep.done
+
+
+def test_npy_format_encode_and_decode(tmp_path, model):
+    _clip(tmp_path / "in" / "x.wav", 22050, 0.3, 2)
+    rep = encode_files([tmp_path / "in"], tmp_path / "o", model, format="npy", n_quantizers=4, progress=False)
+    assert rep.ok
+    codes = np.load(tmp_path / "o" / "x.codes.npy", allow_pickle=False)
+    assert codes.dtype == np.uint16 and codes.shape[:2] == (2, 4)
+    f = load_any(tmp_path / "o" / "x.json")
+    assert f.sample_rate == 22050 and f.extra["hop_length"] == 320
+    rep = encode_files([tmp_path / "in"], tmp_path / "o", model, format="npy", progress=False)
+    assert len(rep.skipped) == 1
+    rep = decode_files([tmp_path / "o"], tmp_path / "d", model, format="flac", progress=False)
+    assert rep.ok
+    info = sf.info(str(tmp_path / "d" / "x.flac"))
+    assert (info.samplerate, info.channels, info.frames) == (22050, 2, int(0.3 * 22050))
+
+
+def test_decode_restores_loudness(tmp_path, model):
+    _clip(tmp_path / "in" / "q.wav", 16000, 1.0, 1)
+    encode_files([tmp_path / "in"], tmp_path / "o", model, progress=False)
+    f = DacFile.load(tmp_path / "o" / "q.dac")
+    decode_files([tmp_path / "o"], tmp_path / "d", model, progress=False)
+    y, sr = aio.read_audio(tmp_path / "d" / "q.wav")
+    assert aio.loudness(y, sr) == pytest.approx(float(f.input_db[0]), abs=1.0)
