@@ -14,12 +14,53 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 _state = threading.local()
 _VALID_BACKENDS = ("auto", "torch", "extension")
+
+# ----------------------------------------------------------------------------- the extension
+# `dac_fast._C` registers the operators torch.ops.dac_fast.* (schemas in csrc/dac_fast.cpp, CPU
+# kernels in csrc/cpu, CUDA kernels in csrc/cuda). It is optional: without it every op below runs
+# its pure-torch reference. Debug switch read by the C++ code at every call: DAC_FAST_POISON=1
+# fills every output with NaN (codes with -1) before the kernel runs, so tests can show that
+# every element is written.
+_C = None
+_C_ERROR: str | None = None
+_KERNEL_DEVICES: frozenset = frozenset()
+_OPS = ("snake", "snake_backward", "add_snake", "scale_bias_snake", "rvq_encode", "rvq_decode")
+
+
+def _load_extension() -> None:
+    global _C, _C_ERROR, _KERNEL_DEVICES
+    try:
+        from dac_fast import _C as ext  # noqa: PLC0415
+    except Exception as exc:  # ImportError, or an undefined symbol when built against another torch
+        _C_ERROR = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"dac_fast: compiled extension dac_fast._C not available ({_C_ERROR.splitlines()[0][:160]}); "
+            "using pure-torch ops",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    _C = ext
+    devices = set()
+    for key, dev in (("CPU", "cpu"), ("CUDA", "cuda")):
+        try:
+            if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"dac_fast::{op}", key) for op in _OPS):
+                devices.add(dev)
+        except Exception:  # pragma: no cover - very old torch
+            pass
+    _KERNEL_DEVICES = frozenset(devices)
+
+
+def extension_status() -> dict:
+    """What was loaded: {"loaded": bool, "devices": [...], "error": str | None}."""
+    return {"loaded": _C is not None, "devices": sorted(_KERNEL_DEVICES), "error": _C_ERROR}
 
 
 def _env_backend() -> str:
@@ -47,8 +88,19 @@ def backend(name: str):
         _state.backend = previous
 
 
-def _extension_available(device: torch.device) -> bool:
-    return False
+def _extension_available(device) -> bool:
+    """True when dac_fast._C is loaded and has kernels for ``device``'s type."""
+    return _C is not None and torch.device(device).type in _KERNEL_DEVICES
+
+
+def _use(tensor: torch.Tensor, supported: bool = True) -> bool:
+    """use_extension, falling back to pure torch in "auto" for inputs the kernels do not take."""
+    if not supported and current_backend() == "auto":
+        return False
+    return use_extension(tensor)
+
+
+_SNAKE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def use_extension(tensor: torch.Tensor) -> bool:
@@ -73,18 +125,31 @@ def snake_reference(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 
 def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """Snake activation. x: (B, C, T) fp32/fp16/bf16, alpha: (1, C, 1) or (C,). Returns (B, C, T)."""
+    """Snake activation. x: (B, C, T) fp32/fp16/bf16 (fp64 too), alpha: (1, C, 1) or (C,). Returns (B, C, T).
+
+    The kernel computes in fp32 (fp64 for fp64 input); on CPU its fp32 result is bit-identical to
+    ``snake_reference``. Differentiable in x and alpha.
+    """
+    if _use(x, x.dim() == 3 and x.dtype in _SNAKE_DTYPES):
+        return torch.ops.dac_fast.snake(x, alpha)
     return snake_reference(x, alpha)
 
 
 def add_snake(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add fused with the next Snake. a, b: (B, C, T). Returns (a + b, snake(a + b))."""
+    if _use(a, a.dim() == 3 and a.dtype in _SNAKE_DTYPES and b.dtype == a.dtype and b.shape == a.shape):
+        return tuple(torch.ops.dac_fast.add_snake(a, b, alpha))
     s = a + b
     return s, snake_reference(s, alpha)
 
 
 def scale_bias_snake(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """snake(scale * y + bias) with per-channel scale, bias, alpha of C elements. y: (B, C, T)."""
+    """snake(scale * y + bias) with per-channel scale, bias, alpha of C elements. y: (B, C, T).
+
+    Differentiable in y, scale, bias and alpha (so a weight-normalized conv's g/||v|| scale trains).
+    """
+    if _use(y, y.dim() == 3 and y.dtype in _SNAKE_DTYPES):
+        return torch.ops.dac_fast.scale_bias_snake(y, scale, bias, alpha)
     c = y.shape[1]
     return snake_reference(y * scale.reshape(1, c, 1) + bias.reshape(1, c, 1), alpha)
 
@@ -134,6 +199,11 @@ def rvq_encode(z, in_proj_weight, in_proj_bias, codebook, out_proj_weight, out_p
     """
     if mode not in ("exact", "fast"):
         raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
+    if _use(z, _rvq_supported(z, codebook)) and not _needs_grad(z, in_proj_weight, in_proj_bias, codebook, out_proj_weight, out_proj_bias):
+        codes, quantized, latents = torch.ops.dac_fast.rvq_encode(
+            z, in_proj_weight, in_proj_bias, codebook, out_proj_weight, out_proj_bias, int(n_quantizers), mode == "exact"
+        )
+        return codes, quantized, latents
     return rvq_encode_reference(z, in_proj_weight, in_proj_bias, codebook, out_proj_weight, out_proj_bias, n_quantizers)
 
 
@@ -148,4 +218,99 @@ def rvq_decode_reference(codes, codebook, out_proj_weight, out_proj_bias) -> tor
 
 def rvq_decode(codes, codebook, out_proj_weight, out_proj_bias) -> torch.Tensor:
     """Decode-from-codes in one call; see ``rvq_decode_reference`` for shapes."""
+    if _use(codes, _rvq_supported(codebook, codebook)) and not _needs_grad(codebook, out_proj_weight, out_proj_bias):
+        return torch.ops.dac_fast.rvq_decode(codes, codebook, out_proj_weight, out_proj_bias)
     return rvq_decode_reference(codes, codebook, out_proj_weight, out_proj_bias)
+
+
+def _rvq_supported(x: torch.Tensor, codebook: torch.Tensor) -> bool:
+    # the kernels take fp32 with codebooks of 1024 entries of dimension 8 (every DAC checkpoint)
+    return x.dtype == torch.float32 and codebook.dim() == 3 and tuple(codebook.shape[1:]) == (1024, 8)
+
+
+def _needs_grad(*tensors) -> bool:
+    # the quantizer kernels are inference-only: under autograd the reference keeps gradients exact
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# ----------------------------------------------------------------------------- registration
+def _register() -> None:
+    """Fake (meta) kernels for torch.compile and autograd formulas for the trainable ops."""
+    lib = "dac_fast::"
+
+    def contiguous_like(t, dtype=None):
+        return t.new_empty(t.shape, dtype=dtype or t.dtype)
+
+    torch.library.register_fake(lib + "snake")(lambda x, alpha: contiguous_like(x))
+    torch.library.register_fake(lib + "snake_backward")(
+        lambda grad, x, alpha: (contiguous_like(x), alpha.new_empty(alpha.shape))
+    )
+    torch.library.register_fake(lib + "add_snake")(lambda a, b, alpha: (contiguous_like(a), contiguous_like(a)))
+    torch.library.register_fake(lib + "scale_bias_snake")(lambda y, scale, bias, alpha: contiguous_like(y))
+
+    def rvq_encode_fake(z, in_w, in_b, codebook, out_w, out_b, n_quantizers, exact):
+        b, d, t = z.shape
+        n = int(n_quantizers)
+        dim = codebook.shape[2]
+        return (z.new_empty((b, n, t), dtype=torch.long), z.new_empty((b, d, t)), z.new_empty((b, n * dim, t)))
+
+    torch.library.register_fake(lib + "rvq_encode")(rvq_encode_fake)
+
+    def rvq_decode_fake(codes, codebook, out_w, out_b):
+        b, _, t = codes.shape
+        return codebook.new_empty((b, out_w.shape[1], t))
+
+    torch.library.register_fake(lib + "rvq_decode")(rvq_decode_fake)
+
+    # snake: d/dx and d/dalpha by the fused backward kernel
+    def snake_setup(ctx, inputs, output):
+        x, alpha = inputs
+        ctx.save_for_backward(x, alpha)
+
+    def snake_bwd(ctx, grad):
+        x, alpha = ctx.saved_tensors
+        gx, galpha = torch.ops.dac_fast.snake_backward(grad, x, alpha)
+        return gx, galpha
+
+    torch.library.register_autograd(lib + "snake", snake_bwd, setup_context=snake_setup)
+
+    # add_snake: s = a + b, y = snake(s); grad_a = grad_b = g_s + dy/ds * g_y
+    def add_setup(ctx, inputs, output):
+        _, _, alpha = inputs
+        ctx.save_for_backward(output[0], alpha)
+
+    def add_bwd(ctx, g_sum, g_y):
+        s, alpha = ctx.saved_tensors
+        if g_y is None:
+            g_y = torch.zeros_like(s)
+        gs, galpha = torch.ops.dac_fast.snake_backward(g_y, s, alpha)
+        if g_sum is not None:
+            gs = gs + g_sum
+        return gs, gs, galpha
+
+    torch.library.register_autograd(lib + "add_snake", add_bwd, setup_context=add_setup)
+
+    # scale_bias_snake: u = scale * y + bias recomputed in the math dtype, then the snake backward
+    def sbs_setup(ctx, inputs, output):
+        y, scale, bias, alpha = inputs
+        ctx.save_for_backward(y, scale, bias, alpha)
+
+    def sbs_bwd(ctx, grad):
+        y, scale, bias, alpha = ctx.saved_tensors
+        c = y.shape[1]
+        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+        sc = scale.reshape(1, c, 1).to(acc)
+        yf = y.to(acc)
+        u = yf * sc + bias.reshape(1, c, 1).to(acc)
+        gu, galpha = torch.ops.dac_fast.snake_backward(grad.to(acc), u, alpha)
+        grad_y = (gu * sc).to(y.dtype)
+        grad_scale = (gu * yf).sum((0, 2)).reshape(scale.shape).to(scale.dtype)
+        grad_bias = gu.sum((0, 2)).reshape(bias.shape).to(bias.dtype)
+        return grad_y, grad_scale, grad_bias, galpha
+
+    torch.library.register_autograd(lib + "scale_bias_snake", sbs_bwd, setup_context=sbs_setup)
+
+
+_load_extension()
+if _C is not None:
+    _register()
