@@ -1,0 +1,153 @@
+"""dac-fast CLI: help, exit codes, failure listing, interrupted runs leave no partial files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sf = pytest.importorskip("soundfile")
+pytest.importorskip("soxr")
+pytest.importorskip("pyloudnorm")
+pytest.importorskip("torch")
+
+from dac_fast import io as aio  # noqa: E402
+from dac_fast.cli import build_parser, main  # noqa: E402
+from dac_fast.dacfile import DacFile  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _clip(path, sr=16000, seconds=0.3, channels=1, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (0.1 * rng.standard_normal((int(sr * seconds), channels))).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, x, sr)
+    return path
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["encode", "--help"], ["decode", "--help"], ["info", "--help"]])
+def test_help_exits_zero(argv, capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(argv)
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    assert "dac-fast" in out
+    if argv[0] == "encode":
+        for opt in ("--model", "--device", "--batch-size", "--n-quantizers", "--dtype", "--workers", "--overwrite",
+                    "--format", "RANDOM"):
+            assert opt in out
+
+
+@pytest.mark.parametrize("argv", [[], ["encode"], ["encode", "x.wav"], ["frobnicate"], ["encode", "x", "-o", "o", "--dtype", "int8"]])
+def test_usage_errors_exit_two(argv, capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(argv)
+    assert ei.value.code == 2
+
+
+def test_encode_decode_info_exit_codes(tmp_path, capsys):
+    src = tmp_path / "in"
+    _clip(src / "good.wav")
+    (src / "bad.wav").write_bytes(b"RIFF....WAVEjunk")
+    rc = main(["encode", str(src), "-o", str(tmp_path / "c"), "--model", "16khz", "--no-progress", "--json"])
+    cap = capsys.readouterr()
+    assert rc == 1
+    assert "RANDOM weights" in cap.err and f"{src / 'bad.wav'}: unreadable audio" in cap.err
+    rep = json.loads(cap.out.strip().splitlines()[-1])
+    assert rep["written"] == 1 and rep["failed"][0]["path"] == str(src / "bad.wav")
+    rc = main(["decode", str(tmp_path / "c"), "-o", str(tmp_path / "d"), "--model", "16khz", "--no-progress"])
+    assert rc == 0 and (tmp_path / "d" / "good.wav").exists()
+    rc = main(["info", str(tmp_path / "c" / "good.dac"), "--json"])
+    d = json.loads(capsys.readouterr().out)
+    assert rc == 0 and d["sample_rate"] == 16000 and d["original_length"] == 4800 and d["n_codebooks"] == 12
+    (tmp_path / "evil.dac").write_bytes(b"\x93NUMPY\x01\x00" + b"v\x00" + b"{'descr': '|O', 'fortran_order': False, 'shape': (), }".ljust(117) + b"\n" + b"cos\nsystem\n(S'true'\ntR.")
+    rc = main(["info", str(tmp_path / "evil.dac")])
+    assert rc == 1 and "refusing to unpickle global os.system" in capsys.readouterr().err
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _start(src, out):
+    cmd = [sys.executable, "-m", "dac_fast.cli", "encode", str(src), "-o", str(out), "--model", "16khz",
+           "--batch-size", "1", "--workers", "1", "--no-progress"]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
+
+
+def _wait_for_outputs(proc, out, n, timeout=90):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if out.exists() and len(list(out.glob("*.dac"))) >= n:
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def _check_complete(out, n_inputs):
+    finals = sorted(out.glob("*.dac"))
+    for p in finals:
+        f = DacFile.load(p)  # every output present is complete and valid
+        assert f.codes.shape[1] == 12
+    return finals
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_run_leaves_no_partial_files(tmp_path, sig):
+    src = tmp_path / "in"
+    n = 14
+    for i in range(n):
+        _clip(src / f"f{i:02d}.wav", seconds=0.2 + 0.02 * i, seed=i)
+    out = tmp_path / "out"
+    proc = _start(src, out)
+    try:
+        started = _wait_for_outputs(proc, out, 2)
+        if not started:
+            proc.wait(5)
+            pytest.fail(f"run ended early: rc={proc.returncode} {proc.stderr.read().decode()[-2000:]}")
+        proc.send_signal(sig)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read().decode()
+    finals = _check_complete(out, n)
+    temps = [p for p in out.iterdir() if p.name.startswith(aio.TMP_PREFIX)]
+    others = [p for p in out.iterdir() if p.suffix != ".dac" and not p.name.startswith(aio.TMP_PREFIX)]
+    assert not others
+    if sig == signal.SIGKILL:
+        assert rc == -signal.SIGKILL
+        # a SIGKILLed process cannot clean up: at most one hidden temporary (the write in flight)
+        assert len(temps) <= 1
+    else:
+        assert rc == 130, err[-2000:]
+        assert "interrupted" in err
+        assert not temps, temps
+    assert len(finals) < n or rc == 0
+    # re-running the same command finishes the job, skipping what is done, removing temporaries
+    proc = _start(src, out)
+    rc2 = proc.wait(180)
+    err2 = proc.stderr.read().decode()
+    assert rc2 == 0, err2[-2000:]
+    assert f"{len(finals)} skipped" in err2
+    assert len(_check_complete(out, n)) == n
+    assert not [p for p in out.iterdir() if p.name.startswith(aio.TMP_PREFIX)]
+
+
+def test_parser_defaults():
+    a = build_parser().parse_args(["encode", "x", "-o", "y"])
+    assert (a.model, a.batch_size, a.workers, a.format, a.bucket, a.overwrite) == ("44khz", 8, 2, "dac", "exact", False)
+    a = build_parser().parse_args(["decode", "x", "-o", "y", "--format", "flac"])
+    assert a.format == "flac"
