@@ -238,7 +238,9 @@ std::tuple<Tensor, Tensor, Tensor> rvq_encode(const Tensor& z_, const Tensor& in
       auto indices = idx_flat.view({B, T});
       codes.select(1, i).copy_(indices);
       auto q = at::embedding(codebook[i], indices).transpose(1, 2);
-      auto out = at::conv1d(q, out_w[i].unsqueeze(-1), out_b[i]).contiguous();
+      // transformers' straight-through step, evaluated in eval mode too: q' = p + (q - p) (it rounds)
+      auto qst = projected + (q - projected);
+      auto out = at::conv1d(qst, out_w[i].unsqueeze(-1), out_b[i]).contiguous();
       const bool last = i == n - 1;
       Tensor r_out = last ? Tensor() : next_residual;
       if (cuda) {
