@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -36,6 +38,7 @@ MIN_LOUDNESS_DURATION = 0.5
 
 TMP_PREFIX = ".dacfast-tmp-"
 
+_HOST = socket.gethostname().replace("-", "_") or "host"
 _UMASK = os.umask(0)  # read once at import (os.umask is the only portable way to read it)
 os.umask(_UMASK)
 """Prefix of temporary files; anything starting with it is never a finished output."""
@@ -270,7 +273,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.stem + ".", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{_HOST}-{os.getpid()}-{path.stem}.", suffix=path.suffix,
+                               dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -304,17 +308,56 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     return Path(path)
 
 
-def cleanup_temp_files(directory: PathLike) -> int:
-    """Remove leftover temporary files (from a SIGKILLed run) under ``directory``."""
+def cleanup_temp_files(directory: PathLike, stale_seconds: float = 24 * 3600) -> int:
+    """Remove temporary files left under ``directory`` by killed runs.
+
+    Temporaries are named ``.dacfast-tmp-<host>-<pid>-...``. One is removed when its process is
+    gone (same host), or, for another host or an unparsable name, when it is older than
+    ``stale_seconds``: concurrent runs writing into the same directory (several workers, a
+    shared filesystem) never lose a write in flight.
+    """
     n = 0
     d = Path(directory)
     if not d.is_dir():
         return 0
+    now = time.time()
     for p in d.rglob(TMP_PREFIX + "*"):
+        owner = _tmp_owner(p.name)
+        if owner is not None and owner[0] == _HOST:
+            if _pid_alive(owner[1]):
+                continue
+        else:
+            try:
+                if now - p.stat().st_mtime < stale_seconds:
+                    continue
+            except OSError:
+                continue
         with contextlib.suppress(OSError):
             p.unlink()
             n += 1
     return n
+
+
+def _tmp_owner(name: str):
+    """``(host, pid)`` from ``.dacfast-tmp-<host>-<pid>-...`` (host has '-' replaced), else None."""
+    parts = name[len(TMP_PREFIX):].split("-", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        return parts[0], int(parts[1])
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _fsync_file(path: Path):

@@ -185,10 +185,12 @@ def test_resume_skips_complete_outputs_and_overwrite_redoes(tmp_path, model):
     outs = sorted((tmp_path / "o").iterdir())
     mt = {p.name: p.stat().st_mtime_ns for p in outs}
     # a leftover temp file from a killed run is cleaned up, never taken for an output
-    (tmp_path / "o" / (aio.TMP_PREFIX + "c.x.dac")).write_bytes(b"partial")
+    leftover = tmp_path / "o" / f"{aio.TMP_PREFIX}{aio._HOST}-999999999-c.x.dac"
+    leftover.write_bytes(b"partial")
     counted = CountingModel(model)
     rep = encode_files([src], tmp_path / "o", counted, progress=False)
     assert rep.ok and len(rep.skipped) == 2 and not rep.done and counted.encode_calls == 0
+    assert not leftover.exists()
     assert {p.name: p.stat().st_mtime_ns for p in sorted((tmp_path / "o").iterdir())} == mt
     time.sleep(0.01)
     rep = encode_files([src], tmp_path / "o", model, overwrite=True, progress=False)

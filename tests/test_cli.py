@@ -124,6 +124,9 @@ def test_interrupted_run_leaves_no_partial_files(tmp_path, sig):
             proc.wait()
     err = proc.stderr.read().decode()
     finals = _check_complete(out, n)
+    if rc == 0:  # the machine was fast enough to finish before the signal landed
+        assert len(finals) == n
+        return
     temps = [p for p in out.iterdir() if p.name.startswith(aio.TMP_PREFIX)]
     others = [p for p in out.iterdir() if p.suffix != ".dac" and not p.name.startswith(aio.TMP_PREFIX)]
     assert not others

@@ -141,9 +141,15 @@ def test_atomic_write_success_and_cleanup(tmp_path):
     assert (tmp_path / "sub" / "x.bin").read_bytes() == b"abc"
     mode = (tmp_path / "sub" / "x.bin").stat().st_mode & 0o777
     assert mode == 0o666 & ~aio._UMASK  # normal permissions, not mkstemp's 0600
-    leftover = tmp_path / "sub" / (aio.TMP_PREFIX + "x.123.bin")
-    leftover.write_bytes(b"junk")
-    assert aio.cleanup_temp_files(tmp_path) == 1 and not leftover.exists()
+    dead = tmp_path / "sub" / f"{aio.TMP_PREFIX}{aio._HOST}-999999999-x.abc.bin"  # its process is gone
+    dead.write_bytes(b"junk")
+    mine = tmp_path / "sub" / f"{aio.TMP_PREFIX}{aio._HOST}-{os.getpid()}-y.abc.bin"  # a write in flight
+    mine.write_bytes(b"in flight")
+    other = tmp_path / "sub" / f"{aio.TMP_PREFIX}otherhost-12-z.abc.bin"  # another host: only when stale
+    other.write_bytes(b"remote")
+    assert aio.cleanup_temp_files(tmp_path) == 1 and not dead.exists() and mine.exists() and other.exists()
+    os.utime(other, (1, 1))
+    assert aio.cleanup_temp_files(tmp_path) == 1 and not other.exists() and mine.exists()
 
 
 def test_write_audio_roundtrip(tmp_path):
