@@ -399,6 +399,12 @@ class _Bucketer:
         self.pending -= sum(i.rows.shape[0] for i in g)
         return g
 
+    def pop_largest(self) -> list[_Item]:
+        if not self.groups:
+            return []
+        big = max(self.groups, key=lambda k: sum(i.rows.shape[0] for i in self.groups[k]))
+        return self._pop(big)
+
     def flush(self) -> list[list[_Item]]:
         out = [self._pop(k) for k in list(self.groups)]
         return out
@@ -415,7 +421,8 @@ def _to_device(x, device):
 # ----------------------------------------------------------------------------------------------
 # the generic runner
 # ----------------------------------------------------------------------------------------------
-def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers, exact, progress):
+def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers, exact, progress,
+         size_fn=None, memory_budget=2 << 30):
     """Prefetch (thread pool) -> bucket -> model -> write (thread pool), in input order."""
     n = len(jobs)
     prog = _Progress(n, task, progress)
@@ -456,48 +463,78 @@ def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers
             fut.add_done_callback(lambda f, it=it: on_written(f, it))
             write_futs.append((fut, it))
 
-    # bounded prefetch window so memory stays proportional to batch_size, not the dataset
+    # Bounded prefetch: at most `window` items and about `memory_budget` bytes of decoded audio
+    # are loaded ahead of the model (always at least one), so memory follows the batch size and
+    # the budget, not the dataset. Long files are never held many at a time.
     window = max(2 * workers, 2 * batch_size)
+    outstanding = {"bytes": 0}
+    cost: dict[int, int] = {}
+
+    def release(items):
+        for it in items:
+            outstanding["bytes"] -= cost.pop(it.idx, 0)
+
     try:
         it_jobs = iter(enumerate(jobs))
         inflight: "OrderedDict[int, cf.Future]" = OrderedDict()
         job_of = {}
+        peeked: list = []
 
-        def submit_next():
-            try:
-                i, job = next(it_jobs)
-            except StopIteration:
-                return False
-            job_of[i] = job
-            inflight[i] = readers.submit(load_fn, i, job)
-            return True
+        def top_up():
+            while len(inflight) < window:
+                if not peeked:
+                    try:
+                        peeked.append(next(it_jobs))
+                    except StopIteration:
+                        return
+                i, job = peeked[0]
+                need = int(size_fn(job)) if size_fn else 0
+                if outstanding["bytes"] and outstanding["bytes"] + need > memory_budget:
+                    return
+                peeked.pop()
+                cost[i] = need
+                outstanding["bytes"] += need
+                job_of[i] = job
+                inflight[i] = readers.submit(load_fn, i, job)
 
-        for _ in range(window):
-            if not submit_next():
+        while True:
+            top_up()
+            if not inflight:
+                if peeked:  # the budget is held by items waiting in the bucketer: run the largest group
+                    batch = bucketer.pop_largest()
+                    if batch:
+                        run_batch(batch)
+                        release(batch)
+                        continue
+                    outstanding["bytes"] = 0  # nothing pending: let the next (huge) item in
+                    continue
                 break
-        while inflight:
             i, fut = inflight.popitem(last=False)
-            submit_next()
             try:
                 item = fut.result()
             except aio.AudioError as exc:
                 report.failures.append(Failure(exc.path, exc.reason))
                 prog.update(1, 0.0)
+                outstanding["bytes"] -= cost.pop(i, 0)
                 continue
             except DacFileError as exc:
                 report.failures.append(Failure(str(job_of[i][0]), str(exc).split(": ", 1)[-1]))
                 prog.update(1, 0.0)
+                outstanding["bytes"] -= cost.pop(i, 0)
                 continue
             except Exception as exc:
                 report.failures.append(Failure(str(job_of[i][0]), f"{type(exc).__name__}: {exc}"))
                 prog.update(1, 0.0)
+                outstanding["bytes"] -= cost.pop(i, 0)
                 continue
             finally:
                 job_of.pop(i, None)
             for batch in bucketer.add(item):
                 run_batch(batch)
+                release(batch)
         for batch in bucketer.flush():
             run_batch(batch)
+            release(batch)
     except BaseException:
         # Ctrl-C / SIGTERM / fatal error: stop reading, let in-flight writes finish atomically
         readers.shutdown(wait=False, cancel_futures=True)
@@ -532,13 +569,17 @@ def encode_files(
     bucket: str = "exact",
     normalize_db: float | None = -16.0,
     tile_frames: int | None = None,
+    prefetch_memory: float = 2 << 30,
 ) -> Report:
     """Encode audio files to ``.dac`` (or ``--format npy``) files under ``output_dir``.
 
     ``inputs``: files, directories (searched recursively for audio extensions) and glob
     patterns. ``model``: a model object or a spec for :func:`load_model`. ``batch_size``
-    counts rows (a stereo file is two rows). Returns a :class:`Report`; failures do not stop
-    the run.
+    counts rows (a stereo file is two rows). ``bucket``: "exact" (default) or "pad" (see the
+    module docstring). ``normalize_db``: loudness target (None: no normalization).
+    ``tile_frames``: passed to the model's encode (its exact tiling of long inputs).
+    ``prefetch_memory``: about how many bytes of decoded audio may be loaded ahead of the model
+    (at least one file always is). Returns a :class:`Report`; failures do not stop the run.
     """
     import torch
 
@@ -580,6 +621,14 @@ def encode_files(
             return 0.0
 
     jobs.sort(key=header_len)
+
+    def size_fn(job):
+        # float32 at the source rate and at the model rate, plus pyloudnorm's float64 working copies
+        try:
+            r, c, f = aio.audio_info(job[0])
+        except Exception:
+            return 0
+        return c * f * 4 * (1 + 3 * max(1.0, sr / r))
 
     def load_fn(i, job):
         src, out = job
@@ -631,7 +680,8 @@ def encode_files(
             f.save_npy(it.out.with_name(it.out.name[: -len(".json")]))
 
     _run("encode", [(s, o) for s, o in jobs], report, load_fn, model_fn, write_fn,
-         batch_size=batch_size, workers=workers, exact=(bucket == "exact"), progress=_want_progress(progress))
+         batch_size=batch_size, workers=workers, exact=(bucket == "exact"), progress=_want_progress(progress),
+         size_fn=size_fn, memory_budget=int(prefetch_memory))
     report.wall_seconds = time.perf_counter() - t0
     return report
 

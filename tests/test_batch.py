@@ -226,3 +226,17 @@ def test_decode_restores_loudness(tmp_path, model):
     decode_files([tmp_path / "o"], tmp_path / "d", model, progress=False)
     y, sr = aio.read_audio(tmp_path / "d" / "q.wav")
     assert aio.loudness(y, sr) == pytest.approx(float(f.input_db[0]), abs=1.0)
+
+
+def test_prefetch_memory_budget_bounds_loaded_audio(tmp_path, model):
+    src = tmp_path / "in"
+    for i in range(3):
+        _clip(src / f"m{i}.wav", 16000, 0.2, seed=i)
+    counted = CountingModel(model)
+    # a 1-byte budget: one file loaded at a time, batches are flushed to free the budget
+    rep = encode_files([src], tmp_path / "o", counted, batch_size=8, prefetch_memory=1, workers=2, progress=False)
+    assert rep.ok and len(rep.done) == 3 and counted.encode_calls == 3
+    rep = encode_files([src], tmp_path / "o2", model, batch_size=8, progress=False)
+    for i in range(3):
+        np.testing.assert_array_equal(DacFile.load(tmp_path / "o" / f"m{i}.dac").codes,
+                                      DacFile.load(tmp_path / "o2" / f"m{i}.dac").codes)
