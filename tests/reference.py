@@ -74,6 +74,7 @@ def import_original_dac():
                 raise RuntimeError("audiotools stand-in: AudioSignal is unavailable in tests")
 
         ml.BaseModel = BaseModel
+        ml.Accelerator = None  # dac.utils aliases it at import; only its training scripts use it
         stub.ml = ml
         stub.AudioSignal = AudioSignal
         stub.STFTParams = lambda *a, **k: None
