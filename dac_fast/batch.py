@@ -587,6 +587,8 @@ def encode_files(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if bucket not in ("exact", "pad"):
         raise ValueError("bucket must be 'exact' or 'pad'")
+    if n_quantizers is not None and hasattr(model, "config"):
+        _check_nq(n_quantizers, model)
     t0 = time.perf_counter()
     report = Report(task="encode")
     output_dir = Path(output_dir)
@@ -605,9 +607,7 @@ def encode_files(
     dev, mdtype = _model_device_dtype(model)
     sr, hop = model_rate_and_hop(model)
     n_cb = int(getattr(model.config, "n_codebooks", 0)) or None
-    nq = None if n_quantizers is None else int(n_quantizers)
-    if nq is not None and n_cb is not None and not 1 <= nq <= n_cb:
-        raise ValueError(f"n_quantizers must be in 1..{n_cb}, got {nq}")
+    nq = None if n_quantizers is None else _check_nq(n_quantizers, model)
     enc_kwargs = {}
     if tile_frames is not None and _accepts(model.encode, "tile_frames"):
         enc_kwargs["tile_frames"] = int(tile_frames)
@@ -751,6 +751,9 @@ def decode_files(
             raise DacFileError(f"{src}: codes have {codes.shape[0]} rows but channels={f.channels}")
         if codes.shape[-1] == 0:
             raise DacFileError(f"{src}: no frames")
+        msr, mhop = f.extra.get("model_sample_rate"), f.extra.get("hop_length")
+        if (msr is not None and int(msr) != sr) or (mhop is not None and int(mhop) != hop):
+            raise DacFileError(f"{src}: encoded by a {msr} Hz / hop {mhop} model, decoding model is {sr} Hz / hop {hop}")
         return _Item(i, src, out, rows=codes, frames=codes.shape[-1],
                      meta=dict(f=f, duration=f.original_length / f.sample_rate, ncb=codes.shape[1]))
 
@@ -782,6 +785,14 @@ def decode_files(
          exact=True, progress=_want_progress(progress))
     report.wall_seconds = time.perf_counter() - t0
     return report
+
+
+def _check_nq(n_quantizers, model) -> int:
+    nq = int(n_quantizers)
+    n_cb = int(getattr(model.config, "n_codebooks", 0)) or None
+    if nq < 1 or (n_cb is not None and nq > n_cb):
+        raise ValueError(f"n_quantizers must be in 1..{n_cb}, got {nq}")
+    return nq
 
 
 def _plan(expanded, output_dir, out_of, complete, overwrite, report):
