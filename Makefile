@@ -1,0 +1,42 @@
+# dac_fast task runner. Each public target sets up what it needs on a fresh clone.
+#   make demo   - encode + decode generated speech/music clips, print throughput
+#   make test   - the whole test suite (builds the extension, CUDA variant where nvcc is)
+#   make gpu-suite OUT=dir - on a CUDA machine with torch installed: build, tests, sanitizers, benchmarks
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+export CUDA_HOME ?= /usr/local/cuda
+
+.PHONY: setup build demo test bench gpu-suite clean
+
+$(VENV)/.deps-stamp: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "$(TORCH_SPEC)"
+	$(VPY) -m pip install -q -r requirements-dev.txt
+	# the original package, for parity tests: its audiotools dependency pins an old stack, so no deps
+	$(VPY) -m pip install -q --no-deps descript-audio-codec==1.0.0
+	touch $@
+
+setup: $(VENV)/.deps-stamp
+
+build: setup
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(VPY) -c "import dac_fast.ops as o; print('dac_fast._C kernels for:', sorted(o._KERNEL_DEVICES) or 'none (pure torch)')"
+
+demo: build
+	$(VPY) -m dac_fast.demo --out demo_out
+
+test: build
+	$(VPY) -m pytest -q -ra tests
+
+bench: build
+	$(VPY) benchmarks/bench_kernels.py
+	$(VPY) benchmarks/bench_model.py
+
+gpu-suite:
+	bash scripts/gpu_suite.sh $(or $(OUT),gpu_out)
+
+clean:
+	rm -rf build dac_fast/_C*.so *.egg-info demo_out
