@@ -22,7 +22,7 @@
 namespace dac_fast {
 namespace {
 
-constexpr int64_t kTile = 8192;  // elements per tile: buffers stay in L1/L2
+constexpr int64_t kTile = 32768;  // elements per tile: buffers stay in L2
 
 template <typename T>
 struct AccOf {
@@ -36,9 +36,11 @@ struct AccOf<double> {
 template <typename scalar_t, int MODE>  // MODE 0: snake(x); 1: snake(x + b); 2: snake(scale * x + bias)
 void snake_fwd_kernel(const SnakeArgs& a) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const int64_t C = a.x.size(1), T = a.x.size(2), rows = a.x.size(0) * C;
-  const int64_t tiles_per_row = (T + kTile - 1) / kTile;
-  const int64_t ntiles = rows * tiles_per_row;
+  // Flat tiles of kTile elements over the contiguous (B, C, T) buffer (a tile may span rows, so
+  // short rows do not multiply the per-tile cost of the sine call).
+  const int64_t C = a.x.size(1), T = a.x.size(2);
+  const int64_t total = a.x.numel();
+  const int64_t ntiles = (total + kTile - 1) / kTile;
   const scalar_t* x = a.x.const_data_ptr<scalar_t>();
   const scalar_t* xb = MODE == 1 ? a.b.const_data_ptr<scalar_t>() : nullptr;
   const acc_t* alpha = a.alpha.const_data_ptr<acc_t>();
@@ -49,47 +51,59 @@ void snake_fwd_kernel(const SnakeArgs& a) {
   const auto acc_dtype = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
 
   at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor buf_t = at::empty({std::min<int64_t>(kTile, T)}, at::TensorOptions().dtype(acc_dtype));
+    const int64_t cap = std::min<int64_t>(kTile, total);
+    at::Tensor buf_t = at::empty({cap}, at::TensorOptions().dtype(acc_dtype));
     acc_t* buf = buf_t.mutable_data_ptr<acc_t>();
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t row = tile / tiles_per_row;
-      const int64_t t0 = (tile % tiles_per_row) * kTile;
-      const int64_t len = std::min<int64_t>(kTile, T - t0);
-      const int64_t c = row % C;
-      const int64_t base = row * T + t0;
-      const acc_t al = alpha[c];
-      const acc_t inv = snake_inv_alpha<acc_t>(al);
-      const scalar_t* xp = x + base;
-      scalar_t* yp = y + base;
-      if (MODE == 0) {
-        for (int64_t i = 0; i < len; ++i) buf[i] = snake_arg<acc_t>(al, static_cast<acc_t>(xp[i]));
-      } else if (MODE == 1) {
-        const scalar_t* bp = xb + base;
-        scalar_t* sp = sum + base;
-        for (int64_t i = 0; i < len; ++i) {
-          const scalar_t s = static_cast<scalar_t>(static_cast<acc_t>(xp[i]) + static_cast<acc_t>(bp[i]));
-          sp[i] = s;
-          buf[i] = snake_arg<acc_t>(al, static_cast<acc_t>(s));
+      const int64_t f0 = tile * kTile;
+      const int64_t len = std::min<int64_t>(kTile, total - f0);
+      // pass 1: argument of the sine, row segment by row segment
+      for (int64_t f = f0; f < f0 + len;) {
+        const int64_t row = f / T;
+        const int64_t seg = std::min<int64_t>((row + 1) * T, f0 + len) - f;
+        const int64_t c = row % C;
+        const acc_t al = alpha[c];
+        const scalar_t* xp = x + f;
+        acc_t* bp = buf + (f - f0);
+        if (MODE == 0) {
+          for (int64_t i = 0; i < seg; ++i) bp[i] = snake_arg<acc_t>(al, static_cast<acc_t>(xp[i]));
+        } else if (MODE == 1) {
+          const scalar_t* xbp = xb + f;
+          scalar_t* sp = sum + f;
+          for (int64_t i = 0; i < seg; ++i) {
+            const scalar_t s = static_cast<scalar_t>(static_cast<acc_t>(xp[i]) + static_cast<acc_t>(xbp[i]));
+            sp[i] = s;
+            bp[i] = snake_arg<acc_t>(al, static_cast<acc_t>(s));
+          }
+        } else {
+          const acc_t sc = scale[c], bi = bias[c];
+          for (int64_t i = 0; i < seg; ++i) bp[i] = snake_arg<acc_t>(al, snake_affine<acc_t>(static_cast<acc_t>(xp[i]), sc, bi));
         }
-      } else {
-        const acc_t sc = scale[c], bi = bias[c];
-        for (int64_t i = 0; i < len; ++i)
-          buf[i] = snake_arg<acc_t>(al, snake_affine<acc_t>(static_cast<acc_t>(xp[i]), sc, bi));
+        f += seg;
       }
-      // ATen's vectorized sine, the kernel eager torch.sin uses
-      (len == buf_t.numel() ? buf_t : buf_t.narrow(0, 0, len)).sin_();
-      if (MODE == 0) {
-        for (int64_t i = 0; i < len; ++i)
-          yp[i] = static_cast<scalar_t>(snake_combine<acc_t>(static_cast<acc_t>(xp[i]), buf[i], inv));
-      } else if (MODE == 1) {
-        const scalar_t* sp = sum + base;
-        for (int64_t i = 0; i < len; ++i)
-          yp[i] = static_cast<scalar_t>(snake_combine<acc_t>(static_cast<acc_t>(sp[i]), buf[i], inv));
-      } else {
-        const acc_t sc = scale[c], bi = bias[c];
-        for (int64_t i = 0; i < len; ++i)
-          yp[i] = static_cast<scalar_t>(
-              snake_combine<acc_t>(snake_affine<acc_t>(static_cast<acc_t>(xp[i]), sc, bi), buf[i], inv));
+      // ATen's vectorized sine, the kernel eager torch.sin runs
+      (len == cap ? buf_t : buf_t.narrow(0, 0, len)).sin_();
+      // pass 2: combine
+      for (int64_t f = f0; f < f0 + len;) {
+        const int64_t row = f / T;
+        const int64_t seg = std::min<int64_t>((row + 1) * T, f0 + len) - f;
+        const int64_t c = row % C;
+        const acc_t inv = snake_inv_alpha<acc_t>(alpha[c]);
+        const acc_t* bp = buf + (f - f0);
+        scalar_t* yp = y + f;
+        if (MODE == 0) {
+          const scalar_t* xp = x + f;
+          for (int64_t i = 0; i < seg; ++i) yp[i] = static_cast<scalar_t>(snake_combine<acc_t>(static_cast<acc_t>(xp[i]), bp[i], inv));
+        } else if (MODE == 1) {
+          const scalar_t* sp = sum + f;
+          for (int64_t i = 0; i < seg; ++i) yp[i] = static_cast<scalar_t>(snake_combine<acc_t>(static_cast<acc_t>(sp[i]), bp[i], inv));
+        } else {
+          const acc_t sc = scale[c], bi = bias[c];
+          const scalar_t* xp = x + f;
+          for (int64_t i = 0; i < seg; ++i)
+            yp[i] = static_cast<scalar_t>(snake_combine<acc_t>(snake_affine<acc_t>(static_cast<acc_t>(xp[i]), sc, bi), bp[i], inv));
+        }
+        f += seg;
       }
     }
   });
