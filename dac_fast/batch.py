@@ -430,11 +430,13 @@ def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers
     bucketer = _Bucketer(batch_size, exact, max_pending=4 * max(1, batch_size))
     readers = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dacfast-read")
     writers = cf.ThreadPoolExecutor(max_workers=max(1, min(4, workers)), thread_name_prefix="dacfast-write")
-    write_futs: list[tuple[cf.Future, _Item]] = []
     lock = threading.Lock()
+    # bound the results waiting to be written (a fast GPU must not pile decoded audio up in RAM)
+    write_slots = threading.Semaphore(max(4, 2 * batch_size))
 
     def on_written(fut, item):
-        exc = fut.exception()
+        write_slots.release()
+        exc = fut.exception() if not fut.cancelled() else RuntimeError("cancelled")
         with lock:
             if exc is None:
                 report.done.append((str(item.src), str(item.out)))
@@ -459,9 +461,9 @@ def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers
             report.model_seconds += time.perf_counter() - t
         for it, res in zip(batch, results):
             it.rows = None  # free input memory early
+            write_slots.acquire()
             fut = writers.submit(write_fn, it, res)
             fut.add_done_callback(lambda f, it=it: on_written(f, it))
-            write_futs.append((fut, it))
 
     # Bounded prefetch: at most `window` items and about `memory_budget` bytes of decoded audio
     # are loaded ahead of the model (always at least one), so memory follows the batch size and
