@@ -240,3 +240,43 @@ def test_prefetch_memory_budget_bounds_loaded_audio(tmp_path, model):
     for i in range(3):
         np.testing.assert_array_equal(DacFile.load(tmp_path / "o" / f"m{i}.dac").codes,
                                       DacFile.load(tmp_path / "o2" / f"m{i}.dac").codes)
+
+
+def test_load_model_dispatch(tmp_path, monkeypatch, capsys):
+    import dac_fast.batch as B
+
+    calls = []
+
+    class Fake(torch.nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.how, self.config = how, None
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            calls.append(how)
+
+        @classmethod
+        def from_preset(cls, name, seed=0):
+            return cls(("preset", name, seed))
+
+        @classmethod
+        def from_pretrained(cls, spec):
+            return cls(("pretrained", str(spec)))
+
+        @classmethod
+        def from_original(cls, path):
+            return cls(("original", str(path)))
+
+    monkeypatch.setattr(B, "_dac_model_class", lambda: Fake)
+    assert B.load_model("24khz", seed=3).how == ("preset", "24khz", 3)
+    assert "RANDOM weights" in capsys.readouterr().err
+    (tmp_path / "ckpt").mkdir()
+    assert B.load_model(tmp_path / "ckpt").how == ("pretrained", str(tmp_path / "ckpt"))
+    (tmp_path / "w.pth").write_bytes(b"x")
+    assert B.load_model(str(tmp_path / "w.pth")).how == ("original", str(tmp_path / "w.pth"))
+    assert B.load_model("descript/dac_16khz").how == ("pretrained", "descript/dac_16khz")
+    with pytest.raises(FileNotFoundError):
+        B.load_model(str(tmp_path / "missing.pth"))
+    m = B.load_model("44khz", dtype="bfloat16", quiet=True)
+    assert m.w.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        B.load_model("44khz", dtype="int3", quiet=True)
