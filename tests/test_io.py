@@ -1,6 +1,9 @@
 """Audio I/O: reading, error reporting, resampling, loudness, atomic writes."""
 
+import importlib.util
 import os
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +93,43 @@ def test_loudness_matches_pyloudnorm_and_normalizes():
     y, db = aio.prepare_for_encoding(x, 16000, 16000, -16.0)
     assert db == pytest.approx(ref, abs=1e-6)
     assert aio.loudness(y, 16000) == pytest.approx(-16.0, abs=0.05)
+
+
+def _audiotools_meter(monkeypatch):
+    """audiotools' own Meter (the code the original compress measures input_db with), loaded from
+    the installed descript-audiotools with torchaudio's lfilter stubbed by scipy's (torchaudio does
+    not install next to torch 2.14); the framing and gating code under test is audiotools'."""
+    spec = importlib.util.find_spec("audiotools")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("descript-audiotools not installed (pip install --no-deps descript-audiotools julius)")
+    pytest.importorskip("julius")
+    torch = pytest.importorskip("torch")
+    from scipy.signal import lfilter
+
+    def _lfilter(waveform, a_coeffs, b_coeffs, clamp=True, batching=True):
+        y = lfilter(b_coeffs.double().numpy(), a_coeffs.double().numpy(), waveform.double().numpy(), axis=-1)
+        return torch.from_numpy(y).float()
+
+    ta = types.ModuleType("torchaudio")
+    ta.functional = types.SimpleNamespace(lfilter=_lfilter)
+    monkeypatch.setitem(sys.modules, "torchaudio", ta)
+    path = os.path.join(list(spec.submodule_search_locations)[0], "core", "loudness.py")
+    mspec = importlib.util.spec_from_file_location("_audiotools_loudness", path)
+    mod = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(mod)
+    return mod.Meter, torch
+
+
+@pytest.mark.parametrize("sr,seconds,channels", [(16000, 1.05, 1), (44100, 2.37, 2), (24000, 0.63, 5), (22050, 3.0, 2)])
+def test_loudness_matches_audiotools_meter(monkeypatch, sr, seconds, channels):
+    Meter, torch = _audiotools_meter(monkeypatch)
+    rng = np.random.default_rng(sr)
+    x = _tone(sr, seconds, channels) * np.linspace(0.05, 1.0, int(sr * seconds), dtype=np.float32)
+    x += 0.01 * rng.standard_normal(x.shape).astype(np.float32)
+    x[:, : int(0.3 * sr)] *= 1e-4  # a quiet lead-in exercises the gates
+    ref = Meter(sr).integrated_loudness(torch.from_numpy(x.T.copy())[None])
+    ref = max(float(ref[0]), -70.0)
+    assert aio.loudness(x, sr) == pytest.approx(ref, abs=2e-3)
 
 
 def test_loudness_short_and_silent_clips_are_finite():
