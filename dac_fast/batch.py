@@ -712,6 +712,13 @@ def decode_files(
     (each channel normalized back to the stored ``input_db``, as the original decompress).
     ``format`` is the audio extension (wav, flac, ogg). Items are batched only with items of
     the same frame count, so batched decoding equals decoding each file alone.
+
+    Files written by the original's chunked ``compress`` (``padding=False``, ``chunk_length``
+    < frames) are decoded in one pass over all their frames, like our own whole-file codes;
+    the original's ``decompress`` decodes such files chunk by chunk without convolution padding
+    instead, so the audio near its chunk boundaries differs slightly (its boundary artefacts,
+    upstream issue #39, are not reproduced). Length, rate, channels and loudness are restored
+    the same way.
     """
     import torch
 

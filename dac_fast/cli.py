@@ -78,6 +78,8 @@ def _common(p: argparse.ArgumentParser, default_format: str, formats):
     p.add_argument("--tile-frames", type=int, default=None, metavar="N",
                    help="frames per model tile for long files (default: the model's); codes do not depend on it")
     p.add_argument("--seed", type=int, default=0, help="seed for preset (random) weights (default: 0)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads for the model (default: torch's choice)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None, help="force the progress bar")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -171,6 +173,10 @@ def main(argv=None) -> int:
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be >= 1")
         device = args.device or _default_device()
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(max(1, args.threads))
         try:
             model = load_model(args.model, device, args.dtype, seed=args.seed)
         except Exception as exc:
