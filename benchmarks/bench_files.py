@@ -21,7 +21,6 @@ import platform
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +111,7 @@ def main(argv=None):
     model = load_model(args.preset, args.device, quiet=True)
     work = Path(tempfile.mkdtemp(prefix="bench_files_"))
     try:
-        audio_s = make_corpus(work / "audio", args.files, args.seconds, args.source_rate, args.variable)
+        make_corpus(work / "audio", args.files, args.seconds, args.source_rate, args.variable)
         # warm-up (first-call allocations, lazy inits) on one file
         encode_files([work / "audio" / "clip0000.flac"], work / "warm", model, progress=False)
         results = []

@@ -36,11 +36,10 @@ import os
 import sys
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -411,8 +410,6 @@ class _Bucketer:
 
 
 def _to_device(x, device):
-    import torch
-
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
@@ -608,7 +605,6 @@ def encode_files(
     model = load_model(model, device, dtype)
     dev, mdtype = _model_device_dtype(model)
     sr, hop = model_rate_and_hop(model)
-    n_cb = int(getattr(model.config, "n_codebooks", 0)) or None
     nq = None if n_quantizers is None else _check_nq(n_quantizers, model)
     enc_kwargs = {}
     if tile_frames is not None and _accepts(model.encode, "tile_frames"):

@@ -3,7 +3,6 @@
 import importlib.util
 import io
 import os
-import pickle
 import sys
 import types
 
