@@ -196,6 +196,10 @@ class _Encoder:
             torch.set_num_threads(int(threads))
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not str(device).startswith("cuda"):
+            from .cli import tune_allocator  # glibc mallopt: large CPU temporaries stop page-faulting
+
+            tune_allocator()
         if str(device).startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = False  # exact parity (FACTS: TF32 off)
             torch.backends.cudnn.allow_tf32 = False
@@ -369,15 +373,31 @@ def worker_runtime_env(runtime_env: dict | None = None, local: bool = True) -> d
 
 
 def _model_info(model, seed, dtype):
-    """(model_rate, hop, n_codebooks, picklable spec) without keeping a big model on the driver."""
+    """(model_rate, hop, n_codebooks, picklable spec, object with .config) for the driver.
+
+    Presets and model directories only need their config (no weights are built on the driver);
+    other specs (.pth, hub ids) are loaded once on CPU to read it."""
+    from types import SimpleNamespace
+
     if isinstance(model, (str, os.PathLike)):
-        m = load_model(str(model), "cpu", dtype, seed=seed, quiet=True)
         spec = str(model)
+        holder = None
+        try:
+            from .batch import PRESET_NAMES
+            from .configuration import DacConfig
+
+            if spec in PRESET_NAMES:
+                holder = SimpleNamespace(config=DacConfig.from_preset(spec))
+            elif (Path(spec).expanduser() / "config.json").is_file():
+                holder = SimpleNamespace(config=DacConfig.from_pretrained(Path(spec).expanduser()))
+        except Exception:
+            holder = None
+        if holder is None:
+            holder = load_model(spec, "cpu", dtype, seed=seed, quiet=True)
     else:
-        m = model
-        spec = model
-    sr, hop = model_rate_and_hop(m)
-    return sr, hop, int(getattr(m.config, "n_codebooks", 0)) or None, spec, m
+        spec = holder = model
+    sr, hop = model_rate_and_hop(holder)
+    return sr, hop, int(getattr(holder.config, "n_codebooks", 0)) or None, spec, holder
 
 
 def encode_dataset(
@@ -628,19 +648,39 @@ def add_ray_arguments(parser) -> None:
 
 
 def run_from_cli(args) -> int:
-    """Run ``dac-fast encode --ray ...`` from parsed args; returns the exit status."""
+    """Run ``dac-fast encode --ray [ADDRESS] ...`` from parsed args; returns the exit status.
+
+    Uses the Ray this process is already connected to, else ``ray.init(ADDRESS)`` ('local':
+    start a local Ray with all CPUs). ``--format dac`` writes .dac files next to the Parquet
+    shards, ``--format npy`` only the shards. ``--overwrite`` is refused (use a new OUTDIR).
+    """
     import sys
 
     import ray
 
+    if getattr(args, "overwrite", False):
+        print("dac-fast: --overwrite is not supported with --ray (completed inputs are kept); "
+              "use a new output directory", file=sys.stderr)
+        return 2
+    for name in ("batch_size", "ray_workers"):
+        if getattr(args, name) < 1:
+            print(f"dac-fast: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
     address = None if args.ray in (None, "local") else args.ray
+    started = False
     if not ray.is_initialized():
-        ray.init(address=address, runtime_env=worker_runtime_env(None, local=address is None),
-                 include_dashboard=False, log_to_driver=False)
-    gpus = args.ray_gpus_per_worker
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        try:
+            ray.init(address=address, runtime_env=worker_runtime_env(None, local=address is None),
+                     include_dashboard=False, log_to_driver=False)
+        except ConnectionError as exc:
+            print(f"dac-fast: cannot connect to Ray at {args.ray!r} ({exc}); start a cluster with `ray start "
+                  "--head` or use --ray local", file=sys.stderr)
+            return 2
+        started = True
     try:
+        gpus = args.ray_gpus_per_worker
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         report = encode_dataset(
             args.inputs, args.output_dir, args.model, batch_size=args.batch_size, num_gpus_per_worker=gpus,
             concurrency=args.ray_workers, num_cpus_per_worker=args.ray_cpus_per_worker,
@@ -650,8 +690,11 @@ def run_from_cli(args) -> int:
         print(f"dac-fast: {exc}", file=sys.stderr)
         return 2
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     print(report.summary(), file=sys.stderr)
+    print(f"codes: {Path(args.output_dir) / SHARDS_DIR}/part-*.parquet; manifest: {MANIFEST}; errors: {ERRORS}",
+          file=sys.stderr)
     if getattr(args, "json", False):
         print(json.dumps(report.to_dict()))
     return 0 if report.ok else 1

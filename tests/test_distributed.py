@@ -167,3 +167,27 @@ def test_worker_crash_is_listed_as_lost_and_retried(ray_local, tmp_path):
     errs = dist.read_errors(out)
     assert [e["path"] for e in errs] == [str((d / "crash_me.wav").resolve())]
     assert errs[0]["reason"].startswith("lost")
+
+
+def test_cli_hook(ray_local, corpus, single_machine, tmp_path, capsys):
+    """add_ray_arguments + run_from_cli, as dac_fast.cli wires them (`dac-fast encode --ray ...`)."""
+    import argparse
+
+    from dac_fast import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    enc = sub.choices["encode"]
+    if not any("--ray" in a.option_strings for a in enc._actions):
+        dist.add_ray_arguments(enc)
+    out = tmp_path / "o"
+    args = parser.parse_args(["encode", str(corpus / "sub"), str(corpus / "corrupt.wav"), "-o", str(out),
+                              "--model", MODEL, "--ray", "--ray-workers", "1", "--no-progress", "--json"])
+    assert args.ray == "auto"
+    assert dist.run_from_cli(args) == 1  # the corrupt input failed
+    report = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["written"] == 1 and [f["path"] for f in report["failed"]] == [str((corpus / "corrupt.wav").resolve())]
+    np.testing.assert_array_equal(DacFile.load(out / "dac" / "c.dac").codes,
+                                  single_machine[str((corpus / "sub" / "c.flac").resolve())])
+    args = parser.parse_args(["encode", str(corpus), "-o", str(out), "--ray", "--overwrite"])
+    assert dist.run_from_cli(args) == 2
