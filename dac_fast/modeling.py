@@ -88,6 +88,27 @@ class DacResidualUnit(nn.Module):
         return hidden_state + output_tensor
 
 
+def _inference(hidden_state: torch.Tensor, module: nn.Module) -> bool:
+    """True when no autograd graph is needed: the fused inference structure may run."""
+    return not module.training and not (torch.is_grad_enabled() and hidden_state.requires_grad)
+
+
+def _residual_chain(units, hidden_state: torch.Tensor, next_alpha: torch.Tensor) -> torch.Tensor:
+    """Inference through residual units (B, C, T) -> snake_next(output) (B, C, T).
+
+    Each unit's residual add is fused with the Snake that follows it (the next unit's snake1, or
+    ``next_alpha`` after the last), so the stream is read and written once per unit boundary. The
+    arithmetic is the reference's: the same convolutions, the same add, the same Snake.
+    """
+    activated = units[0].snake1(hidden_state)
+    for i, unit in enumerate(units):
+        branch = unit.conv2(unit.snake2(unit.conv1(activated)))
+        alpha = units[i + 1].snake1.alpha if i + 1 < len(units) else next_alpha
+        # convolutions here keep the length ("same" padding), so the reference's centre crop never applies
+        hidden_state, activated = ops.add_snake(hidden_state, branch, alpha)
+    return activated
+
+
 class DacEncoderBlock(nn.Module):
     """Three residual units (dilations 1, 3, 9), Snake, strided conv doubling the channels."""
 
@@ -252,6 +273,13 @@ class DacDecoder(nn.Module):
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         hidden_state = self.conv1(hidden_state)
+        if _inference(hidden_state, self):
+            activated = self.block[0].snake1(hidden_state)
+            for i, block in enumerate(self.block):
+                units = (block.res_unit1, block.res_unit2, block.res_unit3)
+                next_alpha = self.block[i + 1].snake1.alpha if i + 1 < len(self.block) else self.snake1.alpha
+                activated = _residual_chain(units, block.conv_t1(activated), next_alpha)
+            return self.tanh(self.conv2(activated))
         for layer in self.block:
             hidden_state = layer(hidden_state)
         return self.tanh(self.conv2(self.snake1(hidden_state)))
@@ -272,8 +300,13 @@ class DacEncoder(nn.Module):
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         hidden_state = self.conv1(hidden_state)
-        for module in self.block:
-            hidden_state = module(hidden_state)
+        if _inference(hidden_state, self):
+            for block in self.block:
+                units = (block.res_unit1, block.res_unit2, block.res_unit3)
+                hidden_state = block.conv1(_residual_chain(units, hidden_state, block.snake1.alpha))
+        else:
+            for module in self.block:
+                hidden_state = module(hidden_state)
         return self.conv2(self.snake1(hidden_state))
 
 
@@ -295,8 +328,10 @@ def decoder_halo_frames(config: DacConfig) -> int:
     rate = config.hop_length  # output samples per element at the current level
     reach = 3 * rate  # conv1, k=7
     for s in config.upsampling_ratios:
-        reach += 2 * rate  # transposed conv k=2s: each output sees <= 2 inputs per side
         rate //= s
+        p = math.ceil(s / 2)
+        # transposed conv k=2s, padding p: output i reads inputs j with 0 <= i + p - s*j < 2s
+        reach += max(2 * s - 1 - p, p) * rate
         reach += 3 * (1 + 3 + 9) * rate
     reach += 3  # conv2, k=7
     return math.ceil(reach / config.hop_length) + 1
@@ -311,11 +346,42 @@ def decoded_length(config: DacConfig, n_frames: int) -> int:
     return length
 
 
-def _tiles(n_frames: int, tile: int, halo: int):
-    """Yield (start, stop, context_start, context_stop) in frames."""
-    for start in range(0, n_frames, tile):
-        stop = min(n_frames, start + tile)
-        yield start, stop, max(0, start - halo), min(n_frames, stop + halo)
+def _tile_plan(batch: int, n_frames: int, tile_frames: int, halo: int):
+    """Split (batch, frames) work into pieces of about ``tile_frames`` item-frames.
+
+    Yields (items, start, stop, context_start, context_stop): a slice of batch items and a frame range
+    with its context. Short inputs are grouped several items to a piece; long ones go one item at a time
+    in time tiles, so the largest activation stays near ``tile_frames`` frames whatever the batch size.
+    """
+    if batch * n_frames <= tile_frames:
+        yield slice(0, batch), 0, n_frames, 0, n_frames
+        return
+    if n_frames <= tile_frames:
+        group = max(1, tile_frames // n_frames)
+        for b in range(0, batch, group):
+            yield slice(b, min(batch, b + group)), 0, n_frames, 0, n_frames
+        return
+    for b in range(batch):
+        for start in range(0, n_frames, tile_frames):
+            stop = min(n_frames, start + tile_frames)
+            yield slice(b, b + 1), start, stop, max(0, start - halo), min(n_frames, stop + halo)
+
+
+def run_tiled(fn, inputs: torch.Tensor, n_frames: int, in_per_frame: int, out_per_frame: int, out_length: int,
+              tile_frames: int, halo: int) -> torch.Tensor:
+    """Apply a time-equivariant network ``fn`` (B, C, n_frames * in_per_frame) -> (B, C', out_length) piece
+    by piece (see ``_tile_plan``). ``halo`` frames of context beyond which outputs do not depend on inputs
+    make each piece's kept outputs equal the whole computation's to rounding. Output sample k of a piece
+    whose input starts at frame f is sample k + f * out_per_frame of the whole output."""
+    out = None
+    for items, start, stop, ctx_start, ctx_stop in _tile_plan(inputs.shape[0], n_frames, tile_frames, halo):
+        piece = fn(inputs[items, :, ctx_start * in_per_frame : ctx_stop * in_per_frame])
+        if out is None:
+            out = piece.new_empty(inputs.shape[0], piece.shape[1], out_length)
+        width = min(stop * out_per_frame, out_length) - start * out_per_frame
+        offset = (start - ctx_start) * out_per_frame
+        out[items, :, start * out_per_frame : start * out_per_frame + width] = piece[..., offset : offset + width]
+    return out
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -351,9 +417,10 @@ class DacModel(nn.Module):
         self.quantizer = DacResidualVectorQuantizer(config)
         self.bits_per_codebook = int(math.log2(config.codebook_size))
         self.backend = backend or os.environ.get("DAC_FAST_BACKEND", "auto")
-        # Inference tiles, in latent frames; None disables tiling.
-        self.encode_tile_frames: int | None = 256
-        self.decode_tile_frames: int | None = 256
+        # Inference tiles in item-frames (None: per device, sized so that on CPU the largest activation
+        # stays under glibc's 32 MB mmap threshold and is recycled instead of page-faulted in anew).
+        self.encode_tile_frames: int | None = None
+        self.decode_tile_frames: int | None = None
         self._init_weights()
 
     @torch.no_grad()
@@ -402,14 +469,16 @@ class DacModel(nn.Module):
                 f"audio_codes must lie in [0, {self.config.codebook_size}), got values in [{lo}, {hi}]"
             )
 
-    def _tiling(self, tile_frames: int | None, default: int | None, n_frames: int, requires_grad: bool):
-        """The tile length to use, or None to run untiled."""
-        tile = default if tile_frames is None else tile_frames
-        if tile is not None and tile < 1:
-            raise ValueError(f"tile_frames must be a positive number of frames, got {tile}")
-        if tile is None or requires_grad or n_frames <= tile:
-            return None
-        return tile
+    def _tile_frames(self, requested: int | None, default: int | None, inputs: torch.Tensor, net: nn.Module):
+        """Item-frames per tile, or None to run untiled (autograd needs the whole graph)."""
+        tile = default if requested is None else requested
+        if tile is None:
+            tile = (16384 if inputs.is_cuda else 192) if net is self.encoder else (8192 if inputs.is_cuda else 128)
+        if not isinstance(tile, int) or tile < 1:
+            raise ValueError(f"tile_frames must be a positive number of frames, got {tile!r}")
+        needs_graph = torch.is_grad_enabled() and (
+            inputs.requires_grad or any(p.requires_grad for p in net.parameters()))
+        return None if needs_graph else tile
 
     # ------------------------------------------------------------------ encode
     def encode(
@@ -440,21 +509,12 @@ class DacModel(nn.Module):
     def _encode_latent(self, input_values: torch.Tensor, tile_frames: int | None) -> torch.Tensor:
         hop = self.config.hop_length
         length = input_values.shape[-1]
-        requires_grad = torch.is_grad_enabled() and (
-            input_values.requires_grad or any(p.requires_grad for p in self.encoder.parameters())
-        )
-        tile = self._tiling(tile_frames, self.encode_tile_frames, length // hop, requires_grad)
+        tile = self._tile_frames(tile_frames, self.encode_tile_frames, input_values, self.encoder)
         if tile is None or length % hop:
             return self.encoder(input_values)
         n_frames = length // hop
-        halo = encoder_halo_frames(self.config)
-        out = None
-        for start, stop, ctx_start, ctx_stop in _tiles(n_frames, tile, halo):
-            latent = self.encoder(input_values[..., ctx_start * hop : ctx_stop * hop])
-            if out is None:
-                out = latent.new_empty(latent.shape[0], latent.shape[1], n_frames)
-            out[..., start:stop] = latent[..., start - ctx_start : stop - ctx_start]
-        return out
+        return run_tiled(self.encoder, input_values, n_frames, hop, 1, n_frames, tile,
+                         encoder_halo_frames(self.config))
 
     # ------------------------------------------------------------------ decode
     def decode(
@@ -489,26 +549,12 @@ class DacModel(nn.Module):
             raise TypeError(f"quantized_representation must be floating point, got dtype {z.dtype}")
 
     def _decode_latent(self, z: torch.Tensor, tile_frames: int | None) -> torch.Tensor:
-        hop = self.config.hop_length
-        n_frames = z.shape[-1]
-        requires_grad = torch.is_grad_enabled() and (
-            z.requires_grad or any(p.requires_grad for p in self.decoder.parameters())
-        )
-        tile = self._tiling(tile_frames, self.decode_tile_frames, n_frames, requires_grad)
+        tile = self._tile_frames(tile_frames, self.decode_tile_frames, z, self.decoder)
         if tile is None:
             return self.decoder(z)
-        halo = decoder_halo_frames(self.config)
-        length = decoded_length(self.config, n_frames)
-        out = None
-        # Tile output sample k is full output sample k + ctx_start * hop, whatever the strides.
-        for start, stop, ctx_start, ctx_stop in _tiles(n_frames, tile, halo):
-            audio = self.decoder(z[..., ctx_start:ctx_stop])
-            if out is None:
-                out = audio.new_empty(audio.shape[0], audio.shape[1], length)
-            width = min(stop * hop, length) - start * hop
-            offset = (start - ctx_start) * hop
-            out[..., start * hop : start * hop + width] = audio[..., offset : offset + width]
-        return out
+        n_frames = z.shape[-1]
+        return run_tiled(self.decoder, z, n_frames, 1, self.config.hop_length, decoded_length(self.config, n_frames),
+                         tile, decoder_halo_frames(self.config))
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_values: torch.Tensor, n_quantizers: int | None = None, return_dict: bool | None = None):

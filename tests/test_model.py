@@ -147,6 +147,20 @@ def test_time_tiles_give_identical_codes():
     assert_close(audio_tiled, audio, rtol=1e-4, what="tiled decode")
 
 
+@pytest.mark.parametrize("tile_frames", [25, 50, 119])
+def test_tiles_group_batch_items(tile_frames):
+    """Short clips in a batch are grouped a few items to a piece; codes equal the whole-batch pass."""
+    _, ours = model_pair("16khz", seed=7)
+    x = torch.from_numpy(np.stack([synth_audio(320 * 40, 16000, seed=s) for s in range(3)]))[:, None]
+    with torch.inference_mode():
+        whole = ours.encode(x, tile_frames=10**6)
+        pieces = ours.encode(x, tile_frames=tile_frames)
+        assert torch.equal(pieces.audio_codes, whole.audio_codes)
+        audio = ours.decode(whole.quantized_representation, tile_frames=10**6).audio_values
+        audio_pieces = ours.decode(whole.quantized_representation, tile_frames=tile_frames).audio_values
+    assert_close(audio_pieces, audio, rtol=1e-4, what="grouped decode")
+
+
 def test_weight_norm_round_trip():
     _, ours = model_pair("16khz", seed=2)
     x = torch.from_numpy(synth_audio(320 * 11, 16000, seed=3))[None, None]
