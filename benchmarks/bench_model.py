@@ -18,7 +18,7 @@ What is measured, per case (preset x op x batch x seconds) and side:
   * time: torch.inference_mode, --warmup calls then --repeats timed calls, median (CUDA synchronized);
     real-time factor = audio seconds processed (batch x seconds) / wall seconds; speedup = hf time / ours.
   * memory: every side runs in its own freshly spawned process (multiprocessing "spawn": no allocator state
-    or cache carried from another side). CPU: peak RSS growth of one call above the RSS after model and input
+    or cache carried from another side; --isolation case runs all sides of a case in one process). CPU: peak RSS growth of one call above the RSS after model and input
     load (Linux VmHWM, reset through /proc/self/clear_refs; ru_maxrss if that is unavailable). CUDA:
     torch.cuda.max_memory_allocated growth. Measured on one extra untimed call after the timed ones (warm: no
     one-time initialisation or compilation in it; freed heap memory is trimmed before it).
@@ -240,10 +240,8 @@ def run_side(job: dict) -> dict:
     if job["warmup"] + job["repeats"] < 1:
         raise ValueError("need at least one call (warmup + repeats >= 1)")
 
-    audio = torch.from_numpy(np.load(os.path.join(job["dir"], "audio.npy"))).to(device, dtype)
-    latent = None
-    if op == "decode":
-        latent = torch.from_numpy(np.load(os.path.join(job["dir"], "latent.npy"))).to(device, dtype)
+    name = "latent.npy" if op == "decode" else "audio.npy"
+    arg = torch.from_numpy(np.load(os.path.join(job["dir"], name))).to(device, dtype)
 
     if op == "encode":
         fn = model.encode
@@ -254,7 +252,6 @@ def run_side(job: dict) -> dict:
     compiled = side == "hf-compile"
     if compiled:
         fn = torch.compile(fn)
-    arg = latent if op == "decode" else audio
 
     def call():
         out = fn(arg)
@@ -287,6 +284,17 @@ def run_side(job: dict) -> dict:
     if op in ("decode", "forward"):
         np.save(os.path.join(job["dir"], f"audio_{side}.npy"), out.audio_values.float().cpu().numpy())
     return res
+
+
+def run_sides_together(jobs: list[dict]) -> list:
+    """Child for --isolation case: every side of one case in this one process, one after another."""
+    out = []
+    for job in jobs:
+        try:
+            out.append(("ok", run_side(job)))
+        except Exception as e:  # noqa: BLE001
+            out.append(("error", f"{type(e).__name__}: {e}"))
+    return out
 
 
 def _child(target, job, conn):
@@ -348,6 +356,8 @@ def machine_info(device: str, threads: int) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": device,
+        "libc": " ".join(platform.libc_ver()),
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
@@ -358,7 +368,8 @@ def machine_info(device: str, threads: int) -> dict:
         from dac_fast import ops
 
         info["dac_fast_backend"] = os.environ.get("DAC_FAST_BACKEND", "auto")
-        info["dac_fast_extension"] = bool(getattr(ops, "_C", None) or getattr(ops, "HAS_EXTENSION", False))
+        status = getattr(ops, "extension_status", None)
+        info["dac_fast_extension"] = status() if status else bool(getattr(ops, "_C", None))
     except Exception:  # noqa: BLE001
         pass
     if device == "cuda":
@@ -401,8 +412,10 @@ def markdown(records: list[dict], info: dict) -> str:
         "",
         f"- date: {info['date']}; command: `{info['command']}`",
         f"- machine: {info.get('gpu') or info['cpu_model']}; cores {info['cpu_cores']}; threads {info['threads']}; "
-        f"torch {info['torch']}; transformers {info['transformers']}; commit {info.get('git_commit', '?')[:10]}",
-        f"- allocator: {info['allocator']} (same for every side; each side in a fresh spawned process)",
+        f"torch {info['torch']}; transformers {info['transformers']}; commit {info.get('git_commit', '?')[:10]}"
+        + (f"; load average {info['loadavg_start'][0]:.1f} at start, {info['loadavg_end'][0]:.1f} at end"
+           if info.get("loadavg_start") and info.get("loadavg_end") else ""),
+        f"- allocator: {info['allocator']} (same for every side); isolation: {info['isolation']}",
         f"- weights: seeded random (dac_fast.loading.randomize_, seed {info['seed']}), identical on both sides; "
         f"timings: median of {info['repeats']} after {info['warmup']} warm-up call(s)"
         + ("; TF32 on" if info.get("tf32") else ("; TF32 off" if info["device"] == "cuda" else "")),
@@ -501,6 +514,9 @@ def parse_args(argv=None):
     p.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (off by default)")
     p.add_argument("--compile", action="store_true", help="also time transformers under torch.compile")
     p.add_argument("--no-reference", action="store_true", help="skip transformers (ours only; no agreement)")
+    p.add_argument("--isolation", choices=["side", "case"], default="side",
+                   help="side: each side of each case in its own fresh process (default; no allocator state "
+                        "carried over); case: all sides of a case in one process, transformers first")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -548,7 +564,8 @@ def main(argv=None) -> int:
     info = machine_info(device, threads)
     info.update(allocator=allocator, allocator_setting=args.allocator, seed=args.seed, warmup=args.warmup,
                 repeats=args.repeats, tf32=args.tf32 if device == "cuda" else None, dtypes=args.dtypes,
-                isolation="each side of each case in a fresh multiprocessing spawn child")
+                isolation=("each side of each case in a fresh multiprocessing spawn child" if args.isolation == "side"
+                           else "all sides of a case in one fresh spawn child, in table order"))
     print(f"# device {device}, {threads} threads, {allocator}; {len(cases)} cases x sides {ref_sides + sides}",
           flush=True)
 
@@ -565,20 +582,33 @@ def main(argv=None) -> int:
                 print(f"  prep failed for {preset} {op} B{batch} {seconds}s: {e}", flush=True)
                 continue
             audio_s = prep["samples"] / _sampling_rate(preset)
-            case_recs = {}
+            case_recs, jobs = {}, []
             for side in ref_sides + sides:
                 dtype = side.split("-", 1)[1] if side.startswith("ours-") else "fp32"
-                if side == "hf-compile":
-                    warmup = max(warmup, 1)  # the compiling call is never timed
-                job = dict(base, side=side, dtype=dtype, warmup=warmup, repeats=repeats)
-                rec = dict(preset=preset, op=op, batch=batch, seconds=seconds, audio_seconds=audio_s, side=side,
-                           dtype=dtype, purpose=purpose, warmup=warmup, repeats=repeats)
+                w = max(warmup, 1) if side == "hf-compile" else warmup  # the compiling call is never timed
+                jobs.append(dict(base, side=side, dtype=dtype, warmup=w, repeats=repeats))
+                case_recs[side] = dict(preset=preset, op=op, batch=batch, seconds=seconds, audio_seconds=audio_s,
+                                       side=side, dtype=dtype, purpose=purpose, warmup=w, repeats=repeats,
+                                       isolation=args.isolation)
+            if args.isolation == "case":
                 try:
-                    rec.update(in_child(run_side, job, args.timeout))
-                    rec["rtf"] = batch * audio_s / rec["median_s"]
+                    results = in_child(run_sides_together, jobs, args.timeout)
                 except RuntimeError as e:
-                    rec["error"] = str(e)
-                case_recs[side] = rec
+                    results = [("error", str(e))] * len(jobs)
+            else:
+                results = []
+                for job in jobs:
+                    try:
+                        results.append(("ok", in_child(run_side, job, args.timeout)))
+                    except RuntimeError as e:
+                        results.append(("error", str(e)))
+            for job, (status, payload) in zip(jobs, results):
+                rec = case_recs[job["side"]]
+                if status == "ok":
+                    rec.update(payload)
+                    rec["rtf"] = batch * audio_s / rec["median_s"]
+                else:
+                    rec["error"] = payload
                 records.append(rec)
             for side, rec in case_recs.items():
                 if "error" in rec:
@@ -605,6 +635,9 @@ def main(argv=None) -> int:
                 print(f"  {preset} {op} B{batch} {seconds:g}s {side:10s} median {rec['median_s']:.3f}s "
                       f"RTF {rec['rtf']:.2f} peak {_fmt_mem(rec.get('peak_mem_bytes'))} MiB{extra}", flush=True)
 
+    if hasattr(os, "getloadavg"):
+        # A busy machine slows every side: compare loadavg with the thread count before trusting CPU numbers.
+        info["loadavg_end"] = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or f"{device}_{args.allocator}" + ("_quick" if args.quick else "")
