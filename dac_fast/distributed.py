@@ -38,12 +38,12 @@ atomically, so re-running with the same ``output`` skips completed inputs and re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -313,7 +313,9 @@ class _Writer:
         ok = [i for i in range(n) if not errors[i]]
         shard = ""
         if ok:
-            shard = f"part-{uuid.uuid4().hex}.parquet"
+            # named by its content: a retried write task replaces its own shard instead of adding a duplicate
+            digest = hashlib.sha1("\0".join(sorted(str(batch["path"][i]) for i in ok)).encode()).hexdigest()[:24]
+            shard = f"part-{digest}.parquet"
             table = pa.table({
                 "path": pa.array([str(batch["path"][i]) for i in ok], pa.string()),
                 "sample_rate": pa.array([int(batch["sample_rate"][i]) for i in ok], pa.int32()),
