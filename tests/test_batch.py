@@ -280,3 +280,19 @@ def test_load_model_dispatch(tmp_path, monkeypatch, capsys):
     assert m.w.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         B.load_model("44khz", dtype="int3", quiet=True)
+
+
+def test_decode_original_chunked_dac(tmp_path, model):
+    """A file laid out like the original's chunked compress (padding=False, chunk_length < frames,
+    written with plain np.save of the documented dict) decodes to the stored length/rate/channels."""
+    rng = np.random.default_rng(0)
+    art = {"codes": rng.integers(0, 1024, (2, 12, 30)).astype(np.uint16),
+           "metadata": {"input_db": np.array([-25.0], np.float32), "original_length": 13000, "sample_rate": 22050,
+                        "chunk_length": 10, "channels": 2, "padding": False, "dac_version": "1.0.0"}}
+    (tmp_path / "c").mkdir()
+    with open(tmp_path / "c" / "orig.dac", "wb") as fh:
+        np.save(fh, art)
+    rep = decode_files([tmp_path / "c" / "orig.dac"], tmp_path / "d", model, progress=False)
+    assert rep.ok, rep.summary()
+    info = sf.info(str(tmp_path / "d" / "orig.wav"))
+    assert (info.samplerate, info.channels, info.frames) == (22050, 2, 13000)
