@@ -125,7 +125,8 @@ class Report:
 def load_model(spec: Any = "44khz", device: str | None = None, dtype: Any = None, *, seed: int = 0, quiet: bool = False):
     """Load a DAC model from ``spec``.
 
-    ``spec``: an already-built model (returned as is, moved to device/dtype); a local
+    ``spec``: an already-built model (returned as is, moved to device/dtype); a zero-argument
+    callable returning one (called here, so callers can defer loading until needed); a local
     directory (``DacModel.from_pretrained``); an original ``.pth`` checkpoint
     (``DacModel.from_original``); a preset name ``16khz``/``24khz``/``44khz``/``44khz_16kbps``
     (``DacModel.from_preset``: RANDOM weights in the real shapes, for trying the pipeline out -
@@ -133,6 +134,8 @@ def load_model(spec: Any = "44khz", device: str | None = None, dtype: Any = None
     """
     import torch
 
+    if callable(spec) and not hasattr(spec, "encode") and not isinstance(spec, (str, os.PathLike)):
+        spec = spec()  # a zero-argument loader: the model is built only when there is work to do
     if isinstance(spec, torch.nn.Module) or (hasattr(spec, "encode") and hasattr(spec, "config")):
         model = spec
     else:

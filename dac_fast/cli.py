@@ -132,6 +132,10 @@ def _default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class _ModelLoadError(Exception):
+    pass
+
+
 def _sigterm_to_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -177,11 +181,12 @@ def main(argv=None) -> int:
             import torch
 
             torch.set_num_threads(max(1, args.threads))
-        try:
-            model = load_model(args.model, device, args.dtype, seed=args.seed)
-        except Exception as exc:
-            print(f"dac-fast: cannot load model {args.model!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 2
+        def model():  # loaded lazily: a re-run with nothing left to do does not pay for it
+            try:
+                return load_model(args.model, device, args.dtype, seed=args.seed)
+            except Exception as exc:
+                raise _ModelLoadError(f"cannot load model {args.model!r}: {type(exc).__name__}: {exc}") from None
+
         kw = dict(batch_size=args.batch_size, n_quantizers=args.n_quantizers, workers=args.workers,
                   overwrite=args.overwrite, format=args.format, progress=args.progress, tile_frames=args.tile_frames)
         try:
@@ -189,7 +194,7 @@ def main(argv=None) -> int:
                 report = encode_files(args.inputs, args.output_dir, model, bucket=args.bucket, **kw)
             else:
                 report = decode_files(args.inputs, args.output_dir, model, **kw)
-        except ValueError as exc:
+        except (ValueError, _ModelLoadError) as exc:
             print(f"dac-fast: {exc}", file=sys.stderr)
             return 2
         print(report.summary(), file=sys.stderr)

@@ -69,6 +69,11 @@ def test_encode_decode_info_exit_codes(tmp_path, capsys):
     (tmp_path / "evil.dac").write_bytes(b"\x93NUMPY\x01\x00" + b"v\x00" + b"{'descr': '|O', 'fortran_order': False, 'shape': (), }".ljust(117) + b"\n" + b"cos\nsystem\n(S'true'\ntR.")
     rc = main(["info", str(tmp_path / "evil.dac")])
     assert rc == 1 and "refusing to unpickle global os.system" in capsys.readouterr().err
+    # unusable model spec / option values: usage-level failure, exit 2
+    rc = main(["encode", str(src), "-o", str(tmp_path / "c2"), "--model", str(tmp_path / "nope.pth"), "--no-progress"])
+    assert rc == 2 and "cannot load model" in capsys.readouterr().err
+    rc = main(["encode", str(src), "-o", str(tmp_path / "c3"), "--model", "16khz", "--n-quantizers", "99", "--no-progress"])
+    assert rc == 2 and "n_quantizers must be in 1..12" in capsys.readouterr().err
 
 
 def _env():
