@@ -191,3 +191,22 @@ def test_cli_hook(ray_local, corpus, single_machine, tmp_path, capsys):
                                   single_machine[str((corpus / "sub" / "c.flac").resolve())])
     args = parser.parse_args(["encode", str(corpus), "-o", str(out), "--ray", "--overwrite"])
     assert dist.run_from_cli(args) == 2
+
+
+def test_dataset_of_samples_equals_model_encode(ray_local, tmp_path):
+    """A Dataset holding decoded samples (audio + sample_rate columns): codes equal model.encode."""
+    import torch
+
+    from dac_fast import io as aio
+    from dac_fast.batch import load_model
+
+    x = (0.2 * np.random.default_rng(3).standard_normal((1, 2 * 16000 - 77))).astype(np.float32)
+    ds = ray.data.from_items([{"path": "mem://a", "audio": x, "sample_rate": 16000}])
+    rep = dist.encode_dataset(ds, tmp_path / "o", model=MODEL, progress=False)
+    assert rep.ok and len(rep.done) == 1
+    y, _ = aio.prepare_for_encoding(x, 16000, 16000)
+    buf = torch.zeros(1, 1, -(-y.shape[-1] // 320) * 320)
+    buf[0, 0, : y.shape[-1]] = torch.from_numpy(y[0])
+    with torch.inference_mode():
+        ref = load_model(MODEL, "cpu", quiet=True).encode(buf).audio_codes.numpy()
+    np.testing.assert_array_equal(dist.read_codes(tmp_path / "o")["mem://a"], ref)
