@@ -83,6 +83,10 @@ def _extensions():
     if MODE == "none":
         _log("DAC_FAST_BUILD=none: building no extension (pure torch)")
         return [], {}
+    cuda_home = _find_cuda_home()
+    if cuda_home and MODE in ("auto", "cuda") and not os.environ.get("CUDA_HOME"):
+        # before torch.utils.cpp_extension resolves it (it would take /usr/local from a wrapper nvcc)
+        os.environ["CUDA_HOME"] = cuda_home
     try:
         import torch
         from torch.utils import cpp_extension
@@ -93,7 +97,6 @@ def _extensions():
         return [], {}
 
     want_cuda = MODE == "cuda"
-    cuda_home = _find_cuda_home()
     if MODE == "auto":
         want_cuda = cuda_home is not None and torch.version.cuda is not None
     if want_cuda:
@@ -116,7 +119,7 @@ def _extensions():
     else:
         _log("building CPU kernels only")
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-DNDEBUG"] + _cpu_arch_flags()
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"] + _cpu_arch_flags()
     # torch >= 2.6 headers need C++17 at least; newer ones want C++20 features guarded by macros.
     try:
         major, minor = (int(v) for v in torch.__version__.split(".")[:2])

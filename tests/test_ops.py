@@ -441,3 +441,25 @@ def check_int64_indexing(device):
     for t in (0, 2**30 - 1, T - 1):
         assert torch.equal(y[:, :, t : t + 1], expect)
     assert torch.equal(y[:, 1, -1000:], expect[:, 1:2, 0].expand(1, 1000))
+
+
+def test_snake_opt_in_fast_sine(device, monkeypatch):
+    """DAC_FAST_SNAKE_SIN=fast (CPU fp32 only): a polynomial sine, ~2 ulp, not bit-identical."""
+    x = _x((2, 5, 3001), device)
+    x[0, 0, :6] = torch.tensor([1e5, -3e4, float("inf"), float("nan"), 8191.9, -8192.5])
+    a = _alpha(5, device)
+    ref = ops.snake_reference(x, a)
+    monkeypatch.setenv("DAC_FAST_SNAKE_SIN", "fast")
+    out = torch.ops.dac_fast.snake(x, a)
+    assert torch.equal(out.isnan(), ref.isnan())
+    fin = ref.isfinite()
+    torch.testing.assert_close(out[fin], ref[fin], rtol=2e-6, atol=4e-6)
+    s, y = torch.ops.dac_fast.add_snake(x, x * 0.5, a)
+    r2 = ops.snake_reference(x + x * 0.5, a)
+    fin2 = r2.isfinite()
+    torch.testing.assert_close(y[fin2], r2[fin2], rtol=2e-6, atol=4e-6)
+    sc, bi = _x((5,), device, seed=1).abs() + 0.5, _x((5,), device, seed=2)
+    y3 = torch.ops.dac_fast.scale_bias_snake(x, sc, bi, a)
+    r3 = ops.snake_reference(x * sc.reshape(1, 5, 1) + bi.reshape(1, 5, 1), a)
+    fin3 = r3.isfinite()
+    torch.testing.assert_close(y3[fin3], r3[fin3], rtol=2e-6, atol=4e-6)

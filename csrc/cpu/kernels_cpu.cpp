@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "dac_fast_ops.h"
@@ -33,6 +35,56 @@ struct AccOf<double> {
   using type = double;
 };
 
+bool fast_sin_requested() {
+  const char* v = std::getenv("DAC_FAST_SNAKE_SIN");
+  return v != nullptr && std::strcmp(v, "fast") == 0;
+}
+
+// fp32 forward with the opt-in polynomial sine: one pass, no sine call per tile
+template <int MODE>
+void snake_fwd_fast_sin(const SnakeArgs& a) {
+  const int64_t C = a.x.size(1), T = a.x.size(2), rows = a.x.size(0) * C;
+  const float* x = a.x.const_data_ptr<float>();
+  const float* xb = MODE == 1 ? a.b.const_data_ptr<float>() : nullptr;
+  const float* alpha = a.alpha.const_data_ptr<float>();
+  const float* scale = MODE == 2 ? a.scale.const_data_ptr<float>() : nullptr;
+  const float* bias = MODE == 2 ? a.bias.const_data_ptr<float>() : nullptr;
+  float* y = a.y.mutable_data_ptr<float>();
+  float* sum = MODE == 1 ? a.sum.mutable_data_ptr<float>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, kTile / std::max<int64_t>(T, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t c = row % C;
+      const float al = alpha[c], inv = snake_inv_alpha<float>(al);
+      const float sc = MODE == 2 ? scale[c] : 1.0f, bi = MODE == 2 ? bias[c] : 0.0f;
+      const float* xp = x + row * T;
+      float* yp = y + row * T;
+      float* sp = MODE == 1 ? sum + row * T : nullptr;
+      const float* bp = MODE == 1 ? xb + row * T : nullptr;
+      if (MODE == 1) {
+        for (int64_t i = 0; i < T; ++i) sp[i] = xp[i] + bp[i];
+      }
+      const float* up = MODE == 1 ? sp : xp;
+      for (int64_t i = 0; i < T; ++i) {
+        const float u = MODE == 2 ? snake_affine<float>(up[i], sc, bi) : up[i];
+        yp[i] = snake_combine<float>(u, snake_fast_sinf(snake_arg<float>(al, u)), inv);
+      }
+      int big = 0;  // separate loop: both loops vectorize
+      for (int64_t i = 0; i < T; ++i) {
+        const float u = MODE == 2 ? snake_affine<float>(up[i], sc, bi) : up[i];
+        big |= !(std::fabs(snake_arg<float>(al, u)) <= kFastSinMax);
+      }
+      if (big) {  // rare: huge or non-finite arguments take the exact sine
+        for (int64_t i = 0; i < T; ++i) {
+          const float u = MODE == 1 ? sp[i] : (MODE == 2 ? snake_affine<float>(xp[i], sc, bi) : xp[i]);
+          const float v = snake_arg<float>(al, u);
+          if (!(std::fabs(v) <= kFastSinMax)) yp[i] = snake_combine<float>(u, std::sin(v), inv);
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t, int MODE>  // MODE 0: snake(x); 1: snake(x + b); 2: snake(scale * x + bias)
 void snake_fwd_kernel(const SnakeArgs& a) {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -50,6 +102,12 @@ void snake_fwd_kernel(const SnakeArgs& a) {
   scalar_t* sum = MODE == 1 ? a.sum.mutable_data_ptr<scalar_t>() : nullptr;
   const auto acc_dtype = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
 
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (fast_sin_requested()) {
+      snake_fwd_fast_sin<MODE>(a);
+      return;
+    }
+  }
   at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
     const int64_t cap = std::min<int64_t>(kTile, total);
     at::Tensor buf_t = at::empty({cap}, at::TensorOptions().dtype(acc_dtype));

@@ -7,6 +7,7 @@
 // Built with -ffp-contract=off (CPU) and --fmad=false (CUDA): no FMA contraction changes rounding.
 #pragma once
 #include "dac_fast_common.h"
+#include <cmath>
 
 namespace dac_fast {
 
@@ -46,6 +47,24 @@ DAC_HD T snake_grad_alpha_term(T g, T x, T s, T c, T inv) {
 template <typename T>
 DAC_HD T snake_affine(T y, T scale, T bias) {
   return y * scale + bias;
+}
+
+// Opt-in fast sine (DAC_FAST_SNAKE_SIN=fast, CPU): Cody-Waite reduction by pi/2 and Cephes'
+// minimax polynomials, branch-free so loops vectorize; about 2 ulp for |v| <= kFastSinMax, larger
+// arguments are recomputed with std::sin by the caller. NOT bit-identical to torch.sin.
+constexpr float kFastSinMax = 8192.0f;
+
+DAC_HD float snake_fast_sinf(float v) {
+  const float k = floorf(v * 0.636619772367581343f + 0.5f);  // nearest multiple of pi/2
+  float r = v - k * 1.5703125f;
+  r = r - k * 4.837512969970703125e-4f;
+  r = r - k * 7.54978995489188216e-8f;
+  const float z = r * r;
+  const float sp = r + r * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * (-1.9515295891e-4f)));
+  const float cp = 1.0f - 0.5f * z + z * z * (4.166664568298827e-2f + z * (-1.388731625493765e-3f + z * 2.443315711809948e-5f));
+  const int q = static_cast<int>(k) & 3;
+  const float m = (q & 1) ? cp : sp;
+  return (q & 2) ? -m : m;
 }
 
 }  // namespace dac_fast
