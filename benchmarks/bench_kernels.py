@@ -143,6 +143,14 @@ def bench_device(device, records):
                            {"compile_s": time.perf_counter() - t0})
                 record("snake", shape, "dac_fast", _time(lambda: torch.ops.dac_fast.snake(x, alpha), device, R, W), 2 * n,
                        {"max_abs_diff_vs_eager": diff})
+                if device == "cpu":  # the opt-in polynomial sine (not bit-identical)
+                    os.environ["DAC_FAST_SNAKE_SIN"] = "fast"
+                    try:
+                        d2 = (torch.ops.dac_fast.snake(x, alpha) - eager(x, alpha)).abs().max().item()
+                        record("snake", shape, "fast_sin", _time(lambda: torch.ops.dac_fast.snake(x, alpha), device, R, W),
+                               2 * n, {"max_abs_diff_vs_eager": d2})
+                    finally:
+                        del os.environ["DAC_FAST_SNAKE_SIN"]
             if "add_snake" in wanted:
                 b = torch.randn_like(x)
 
@@ -258,6 +266,12 @@ def _markdown(records, header):
         if cpl and "compile_s" in cpl:
             notes.append(f"compile {cpl['compile_s']:.0f} s")
         lines.append(f"| {dev} | {op} | {shape} | {fmt(e)} | {fmt(cpl)} | {fmt(ours)} | {vs_e} | {vs_c} | {ours['gbps']:.1f} | {'; '.join(notes)} |")
+        fs = impls.get("fast_sin")
+        if fs:
+            vs_e = f"{e['time_s'] / fs['time_s']:.1f}x" if e else "-"
+            vs_c = f"{cpl['time_s'] / fs['time_s']:.1f}x" if cpl else "-"
+            lines.append(f"| {dev} | snake, DAC_FAST_SNAKE_SIN=fast | {shape} | | | {fmt(fs)} | {vs_e} | {vs_c} | {fs['gbps']:.1f} | "
+                         f"opt-in polynomial sine, max abs diff vs eager {fs['max_abs_diff_vs_eager']:.1e} |")
         f = impls.get("fast")
         if f:
             vs_e = f"{e['time_s'] / f['time_s']:.1f}x" if e else "-"
@@ -283,14 +297,15 @@ def main():
     if torch.cuda.is_available():
         machine += f", GPU {torch.cuda.get_device_name(0)}"
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": " ".join([sys.executable.split('/')[-1]] + sys.argv),
-            "machine": machine, "allocator": ALLOCATOR, "repeats": ARGS.repeats, "dtype": "float32"}
+            "machine": machine, "allocator": ALLOCATOR, "loadavg_at_start": os.getloadavg(), "repeats": ARGS.repeats, "dtype": "float32"}
     print(json.dumps(meta, indent=1), flush=True)
     records = []
     for dev in devices:
         print(f"== {dev}", flush=True)
         bench_device(dev, records)
+    meta["loadavg_at_end"] = os.getloadavg()
     header = (f"`{meta['command']}` — {meta['date']} — {machine}; allocator: {ALLOCATOR}; fp32; median of {ARGS.repeats} "
-              f"after {ARGS.warmup} warm-up")
+              f"after {ARGS.warmup} warm-up; load average at start/end {meta['loadavg_at_start'][0]:.1f}/{meta['loadavg_at_end'][0]:.1f}")
     md = _markdown(records, header)
     print(md)
     if ARGS.json:

@@ -12,6 +12,7 @@ Shapes: ``B`` batch, ``C``/``D`` channels, ``T`` time, ``N`` codebooks, ``K`` co
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import threading
 import warnings
@@ -37,14 +38,16 @@ _OPS = ("snake", "snake_backward", "add_snake", "scale_bias_snake", "rvq_encode"
 def _load_extension() -> None:
     global _C, _C_ERROR, _KERNEL_DEVICES
     try:
-        from dac_fast import _C as ext  # noqa: PLC0415
+        ext = importlib.import_module("dac_fast._C")
     except Exception as exc:  # ImportError, or an undefined symbol when built against another torch
         _C_ERROR = f"{type(exc).__name__}: {exc}"
-        warnings.warn(
-            f"dac_fast: compiled extension dac_fast._C not available ({_C_ERROR.splitlines()[0][:160]}); "
-            "using pure-torch ops",
+        # one line on stderr (no source line): filename without source, lineno 0
+        warnings.warn_explicit(
+            f"compiled extension dac_fast._C not available ({_C_ERROR.splitlines()[0][:160]}); using pure-torch ops",
             RuntimeWarning,
-            stacklevel=3,
+            filename="dac_fast",
+            lineno=0,
+            module="dac_fast.ops",
         )
         return
     _C = ext
