@@ -446,10 +446,14 @@ def encode_dataset(
     ``num_cpus_per_worker``: CPUs reserved per actor (default 1 with GPUs, 0.5 on CPU so read
     tasks always get a CPU); ``threads_per_worker``: torch threads per actor (default
     ``max(1, round(num_cpus_per_worker))``).
+    ``read_num_cpus``: CPUs per read task. ``device``/``dtype``: the actors' torch device (default
+    ``cuda`` with GPUs, else ``cpu``) and precision (float32 default; others change codes).
     ``write_dac``: also write ``OUTPUT/dac/<tree>.dac`` per input. ``files_per_shard``: rows per
-    Parquet shard (default ``batch_size``). ``address``: Ray address for ``ray.init`` when Ray
+    Parquet shard (default ``batch_size``). ``files_per_block``: inputs per read block (smaller
+    spreads reading wider; a crash past the retries loses one block, listed as lost). ``address``: Ray address for ``ray.init`` when Ray
     is not initialized yet ("auto", "ray://host:10001", or None for a local Ray).
-    ``max_retries``/``max_restarts``: Ray task retries / actor restarts.
+    ``runtime_env``: for a Ray started here (default: whatever lets workers import dac_fast, see
+    :func:`worker_runtime_env`). ``max_retries``/``max_restarts``: Ray task retries / actor restarts.
     ``max_errored_blocks``: blocks Ray may give up on (-1: any) -- their inputs are listed as
     lost in the errors table and retried by the next run.
     """
@@ -489,7 +493,7 @@ def encode_dataset(
 
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, runtime_env=worker_runtime_env(runtime_env, local=address is None),
+        ray.init(address=address, runtime_env=worker_runtime_env(runtime_env, local=address in (None, "local")),
                  include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
         started = True
     try:
@@ -638,10 +642,11 @@ def _finish(output: Path, done: dict, failures, report, prev_errors: dict, attem
 def add_ray_arguments(parser) -> None:
     """Add ``--ray [ADDRESS]`` and the Ray options to the ``dac-fast encode`` parser."""
     g = parser.add_argument_group("distributed encoding on Ray (pip install .[ray])")
-    g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
-                   help="encode on a Ray cluster: ADDRESS as for ray.init ('auto' = the cluster this node "
-                        "joined with `ray start`; 'local' starts a local Ray). Output: Parquet shards + "
-                        "manifest + errors table under OUTDIR (--format dac also writes .dac files)")
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="encode with Ray Data. No ADDRESS: Ray's default (RAY_ADDRESS, else the cluster "
+                        "this node joined with `ray start`, else a new local Ray); 'auto': require a running "
+                        "cluster; 'local': always a new local Ray; or ray://HOST:10001. Output: Parquet "
+                        "shards + manifest + errors table under OUTDIR (--format dac also writes .dac files)")
     g.add_argument("--ray-workers", type=int, default=1, metavar="N", help="encoder actors (default: %(default)s)")
     g.add_argument("--ray-gpus-per-worker", type=float, default=None, metavar="G",
                    help="GPUs per encoder actor (default: 1 if the cluster has GPUs, else 0 = CPU actors)")
@@ -652,8 +657,8 @@ def add_ray_arguments(parser) -> None:
 def run_from_cli(args) -> int:
     """Run ``dac-fast encode --ray [ADDRESS] ...`` from parsed args; returns the exit status.
 
-    Uses the Ray this process is already connected to, else ``ray.init(ADDRESS)`` ('local':
-    start a local Ray with all CPUs). ``--format dac`` writes .dac files next to the Parquet
+    Uses the Ray this process is already connected to, else ``ray.init(ADDRESS)`` (no ADDRESS:
+    Ray's default lookup; 'auto': a running cluster; 'local': a new local Ray with all CPUs). ``--format dac`` writes .dac files next to the Parquet
     shards, ``--format npy`` only the shards. ``--overwrite`` is refused (use a new OUTDIR).
     """
     import sys
@@ -668,11 +673,11 @@ def run_from_cli(args) -> int:
         if getattr(args, name) < 1:
             print(f"dac-fast: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    address = None if args.ray in (None, "local") else args.ray
+    address = args.ray or None
     started = False
     if not ray.is_initialized():
         try:
-            ray.init(address=address, runtime_env=worker_runtime_env(None, local=address is None),
+            ray.init(address=address, runtime_env=worker_runtime_env(None, local=address in (None, "local")),
                      include_dashboard=False, log_to_driver=False)
         except ConnectionError as exc:
             print(f"dac-fast: cannot connect to Ray at {args.ray!r} ({exc}); start a cluster with `ray start "
