@@ -109,6 +109,35 @@ def _residual_chain(units, hidden_state: torch.Tensor, next_alpha: torch.Tensor)
     return activated
 
 
+def conv_transpose_polyphase(conv: nn.ConvTranspose1d, hidden_state: torch.Tensor) -> torch.Tensor:
+    """``conv(hidden_state)`` for a transposed convolution with kernel 2s and stride s, computed as a regular
+    2-tap convolution into s * C_out phase channels followed by one interleaving copy.
+
+    torch's CPU ConvTranspose1d takes a slow im2col path plus copies; the regular convolution runs on
+    oneDNN. Output phase r of input frame q is sample s*q + r - padding: y = sum_c W[c, :, r] x[c, q] +
+    W[c, :, s + r] x[c, q - 1]. The phase weights are built once per weight version.
+    """
+    s, p = conv.stride[0], conv.padding[0]
+    c_in, c_out, k = conv.weight.shape
+    key = (conv.weight._version, conv.weight.data_ptr(), conv.weight.dtype, conv.weight.device)
+    cached = getattr(conv, "_polyphase", None)
+    if cached is None or cached[0] != key:
+        weight = conv.weight.detach().view(c_in, c_out, 2, s).flip(2).permute(3, 1, 0, 2)
+        cached = (key, weight.reshape(s * c_out, c_in, 2).contiguous(), conv.bias.detach().repeat(s))
+        conv._polyphase = cached
+    phases = F.conv1d(hidden_state, cached[1], cached[2], padding=1)  # (B, s * C_out, L + 1)
+    batch, _, frames = phases.shape
+    length = (hidden_state.shape[-1] - 1) * s - 2 * p + k
+    out = phases.view(batch, s, c_out, frames).permute(0, 2, 3, 1).reshape(batch, c_out, frames * s)
+    return out[..., p : p + length]
+
+
+def _polyphase_applies(conv: nn.ConvTranspose1d, hidden_state: torch.Tensor) -> bool:
+    s = conv.stride[0]
+    return (hidden_state.device.type == "cpu" and conv.kernel_size[0] == 2 * s and conv.groups == 1
+            and conv.dilation[0] == 1 and conv.output_padding[0] == 0 and conv.bias is not None)
+
+
 class DacEncoderBlock(nn.Module):
     """Three residual units (dilations 1, 3, 9), Snake, strided conv doubling the channels."""
 
@@ -278,7 +307,11 @@ class DacDecoder(nn.Module):
             for i, block in enumerate(self.block):
                 units = (block.res_unit1, block.res_unit2, block.res_unit3)
                 next_alpha = self.block[i + 1].snake1.alpha if i + 1 < len(self.block) else self.snake1.alpha
-                activated = _residual_chain(units, block.conv_t1(activated), next_alpha)
+                if _polyphase_applies(block.conv_t1, activated):
+                    upsampled = conv_transpose_polyphase(block.conv_t1, activated)
+                else:
+                    upsampled = block.conv_t1(activated)
+                activated = _residual_chain(units, upsampled, next_alpha)
             return self.tanh(self.conv2(activated))
         for layer in self.block:
             hidden_state = layer(hidden_state)
@@ -496,6 +529,7 @@ class DacModel(nn.Module):
         that the codes equal the untiled ones; 0 < tile_frames; pass a large value to disable.
         """
         _check_audio(input_values)
+        input_values = input_values.to(self.dtype)  # float64 numpy audio, or fp32 audio into a bf16 model
         n_quantizers = self._check_n_quantizers(n_quantizers)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         with ops.backend(self.backend):
