@@ -1,5 +1,7 @@
 """DacModel against transformers' DacModel with the same seeded random weights (fp32, CPU)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -159,6 +161,22 @@ def test_tiles_group_batch_items(tile_frames):
         audio = ours.decode(whole.quantized_representation, tile_frames=10**6).audio_values
         audio_pieces = ours.decode(whole.quantized_representation, tile_frames=tile_frames).audio_values
     assert_close(audio_pieces, audio, rtol=1e-4, what="grouped decode")
+
+
+@pytest.mark.parametrize("stride, length", [(2, 1), (3, 17), (4, 64), (5, 33), (8, 7)])
+def test_polyphase_transposed_convolution(stride, length):
+    from dac_fast.modeling import conv_transpose_polyphase
+
+    torch.manual_seed(stride)
+    conv = torch.nn.ConvTranspose1d(6, 5, 2 * stride, stride, padding=math.ceil(stride / 2))
+    x = torch.randn(3, 6, length)
+    with torch.inference_mode():
+        expected = conv(x)
+        got = conv_transpose_polyphase(conv, x)
+        assert got.shape == expected.shape
+        assert_close(got, expected, rtol=1e-6, what="polyphase")
+        conv.weight.mul_(2)  # a new weight version rebuilds the phase weights
+        assert_close(conv_transpose_polyphase(conv, x), conv(x), rtol=1e-6, what="polyphase after update")
 
 
 def test_weight_norm_round_trip():
