@@ -497,6 +497,9 @@ def encode_dataset(
                  include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
         started = True
     try:
+        gpus = float(num_gpus_per_worker or 0)
+        cpus = num_cpus_per_worker if num_cpus_per_worker is not None else (1.0 if gpus > 0 else 0.5)
+        _check_resources(ray.cluster_resources(), concurrency, cpus, gpus, read_num_cpus)
         ctx = ray.data.DataContext.get_current()
         # with a path list we know every input and list those of dropped blocks as lost; for a
         # user Dataset we do not, so a block Ray gives up on fails the run (resume continues it)
@@ -542,8 +545,6 @@ def encode_dataset(
                    _Reader(sr, hop, normalize_db, audio_column))
 
         # ---- stage 2: encoder actor pool
-        gpus = float(num_gpus_per_worker or 0)
-        cpus = num_cpus_per_worker if num_cpus_per_worker is not None else (1.0 if gpus > 0 else 0.5)
         threads = threads_per_worker or max(1, int(round(cpus)))
         if isinstance(concurrency, (tuple, list)):
             pool = ray.data.ActorPoolStrategy(min_size=int(concurrency[0]), max_size=int(concurrency[-1]))
@@ -588,6 +589,23 @@ def encode_dataset(
     report.wall_seconds = time.perf_counter() - t0
     _finish(output, done, report.failures, report, prev_errors, attempted if attempted is not None else list(seen))
     return report
+
+
+def _check_resources(res: dict, concurrency, cpus: float, gpus: float, read_cpus: float):
+    """Refuse configurations that cannot make progress (FACTS: actors holding every CPU starve the
+    read tasks and the job hangs). Judged on the cluster as it is now (an autoscaler may add nodes
+    later: then start the job with fewer actors, or an autoscaling ``concurrency=(min, max)``)."""
+    n = int(concurrency[0] if isinstance(concurrency, (tuple, list)) else concurrency)
+    if n < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
+    total_cpus, total_gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    if gpus > 0 and n * gpus > total_gpus + 1e-9:
+        raise ValueError(f"{n} encoder workers x {gpus:g} GPU need {n * gpus:g} GPUs; the cluster has {total_gpus:g}")
+    if total_cpus - n * cpus < min(read_cpus, total_cpus) - 1e-9:
+        raise ValueError(
+            f"{n} encoder workers x {cpus:g} CPU leave {max(total_cpus - n * cpus, 0):g} of the cluster's "
+            f"{total_cpus:g} CPUs for read tasks that need {read_cpus:g}: the job would hang. Lower concurrency "
+            f"or num_cpus_per_worker (fractions are fine), or read_num_cpus")
 
 
 def _call(method, kwargs: dict, retry_kwargs: dict, fn):

@@ -146,6 +146,11 @@ def test_bad_arguments(ray_local, tmp_path):
         dist.encode_dataset([str(tmp_path)], tmp_path / "o", model=MODEL, batch_size=0)
     with pytest.raises(ValueError):
         dist.encode_dataset([str(tmp_path)], tmp_path / "o", model=MODEL, n_quantizers=13)
+    # actors that would hold every CPU starve the read tasks (the job would hang): refused up front
+    with pytest.raises(ValueError, match="would hang"):
+        dist.encode_dataset([str(tmp_path)], tmp_path / "o", model=MODEL, concurrency=2, num_cpus_per_worker=1)
+    with pytest.raises(ValueError, match="GPU"):
+        dist.encode_dataset([str(tmp_path)], tmp_path / "o", model=MODEL, num_gpus_per_worker=1)
     # nothing to do: a missing input is an error row, not an exception
     rep = dist.encode_dataset([str(tmp_path / "missing.wav")], tmp_path / "o", model=MODEL, progress=False)
     assert [f.reason for f in rep.failures] == ["no such file or directory"]
