@@ -45,7 +45,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -450,8 +450,9 @@ def encode_dataset(
     ``cuda`` with GPUs, else ``cpu``) and precision (float32 default; others change codes).
     ``write_dac``: also write ``OUTPUT/dac/<tree>.dac`` per input. ``files_per_shard``: rows per
     Parquet shard (default ``batch_size``). ``files_per_block``: inputs per read block (smaller
-    spreads reading wider; a crash past the retries loses one block, listed as lost). ``address``: Ray address for ``ray.init`` when Ray
-    is not initialized yet ("auto", "ray://host:10001", or None for a local Ray).
+    spreads reading wider; a crash past the retries loses one block, listed as lost).
+    ``address``: for ``ray.init`` when Ray is not initialized yet (None: Ray's default lookup,
+    else a new local Ray; "auto"; "local"; "ray://host:10001").
     ``runtime_env``: for a Ray started here (default: whatever lets workers import dac_fast, see
     :func:`worker_runtime_env`). ``max_retries``/``max_restarts``: Ray task retries / actor restarts.
     ``max_errored_blocks``: blocks Ray may give up on (-1: any) -- their inputs are listed as
@@ -461,12 +462,12 @@ def encode_dataset(
     import ray.data
 
     t0 = time.perf_counter()
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
     report = Report(task="encode (ray)")
     output = Path(output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     (output / SHARDS_DIR).mkdir(exist_ok=True)
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
     if n_quantizers is not None and not isinstance(model, (str, os.PathLike)):
         _check_nq(n_quantizers, model)
 
@@ -676,8 +677,9 @@ def run_from_cli(args) -> int:
     """Run ``dac-fast encode --ray [ADDRESS] ...`` from parsed args; returns the exit status.
 
     Uses the Ray this process is already connected to, else ``ray.init(ADDRESS)`` (no ADDRESS:
-    Ray's default lookup; 'auto': a running cluster; 'local': a new local Ray with all CPUs). ``--format dac`` writes .dac files next to the Parquet
-    shards, ``--format npy`` only the shards. ``--overwrite`` is refused (use a new OUTDIR).
+    Ray's default lookup; 'auto': a running cluster; 'local': a new local Ray with all CPUs).
+    ``--format dac`` writes .dac files next to the Parquet shards, ``--format npy`` only the
+    shards. ``--overwrite`` is refused (use a new OUTDIR).
     """
     import sys
 
