@@ -711,6 +711,7 @@ def run_from_cli(args) -> int:
         report = encode_dataset(
             args.inputs, args.output_dir, args.model, batch_size=args.batch_size, num_gpus_per_worker=gpus,
             concurrency=args.ray_workers, num_cpus_per_worker=args.ray_cpus_per_worker,
+            threads_per_worker=getattr(args, "threads", None),
             n_quantizers=args.n_quantizers, write_dac=getattr(args, "format", "dac") == "dac",
             dtype=args.dtype, tile_frames=args.tile_frames, seed=args.seed, progress=args.progress)
     except ValueError as exc:
