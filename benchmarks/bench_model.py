@@ -259,6 +259,7 @@ def run_side(job: dict) -> dict:
         return out
 
     res = {"load_s": load_s, "allocator": allocator}
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     times = []
     with torch.inference_mode():
         out = None
@@ -277,6 +278,8 @@ def run_side(job: dict) -> dict:
             out = call()
         res["peak_mem_bytes"], res["mem_method"] = mem.peak, mem.method
     res["times_s"] = times
+    if load_before is not None:  # 1-minute load average around this side's calls: > threads means contention
+        res["loadavg_1min"] = [load_before, os.getloadavg()[0]]
     res["median_s"] = statistics.median(times) if times else res["first_call_s"]
     res["timed_from"] = "repeats" if times else "first call (no repeats)"
     if op in ("encode", "forward"):
@@ -416,6 +419,8 @@ def markdown(records: list[dict], info: dict) -> str:
         + (f"; load average {info['loadavg_start'][0]:.1f} at start, {info['loadavg_end'][0]:.1f} at end"
            if info.get("loadavg_start") and info.get("loadavg_end") else ""),
         f"- allocator: {info['allocator']} (same for every side); isolation: {info['isolation']}",
+        "- CPU timings are only comparable when the machine is otherwise idle: each record's JSON has the 1-minute "
+        "load average before and after its calls (`loadavg_1min`)",
         f"- weights: seeded random (dac_fast.loading.randomize_, seed {info['seed']}), identical on both sides; "
         f"timings: median of {info['repeats']} after {info['warmup']} warm-up call(s)"
         + ("; TF32 on" if info.get("tf32") else ("; TF32 off" if info["device"] == "cuda" else "")),
@@ -632,6 +637,8 @@ def main(argv=None) -> int:
                     extra += f" SNR {rec['audio_snr_db']:.1f} dB"
                 if rec.get("compile_s") is not None:
                     extra += f" compile {rec['compile_s']:.1f}s"
+                if rec.get("loadavg_1min"):
+                    extra += " load {:.1f}->{:.1f}".format(*rec["loadavg_1min"])
                 print(f"  {preset} {op} B{batch} {seconds:g}s {side:10s} median {rec['median_s']:.3f}s "
                       f"RTF {rec['rtf']:.2f} peak {_fmt_mem(rec.get('peak_mem_bytes'))} MiB{extra}", flush=True)
 
