@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import datetime as _dt
 import json
 import os
@@ -44,6 +45,8 @@ def _parse():
     p.add_argument("--ops", default="snake,add_snake,scale_bias_snake,rvq_encode,rvq_decode")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--small", action="store_true", help="smaller shapes (smoke test)")
+    p.add_argument("--snake-shapes", default=None, help="e.g. 8x96x441000,16x1536x862 ('' for none)")
+    p.add_argument("--rvq-shapes", default=None, help="BxDxTxN list, e.g. 16x1024x862x9,16x1024x750x32 ('' for none)")
     p.add_argument("--json", default=None, help="write the records here")
     p.add_argument("--markdown", default=None, help="write the markdown table here")
     return p.parse_args()
@@ -82,6 +85,22 @@ def _compile(fn):
     return torch.compile(fn, dynamic=False)
 
 
+_COMPILE_STATE = {"ok": True}
+
+
+def _compile_ok():
+    return _COMPILE_STATE["ok"]
+
+
+def _guard_compile(fn):
+    """Run a benchmark block that uses torch.compile; a compiler failure disables the column."""
+    try:
+        fn()
+    except Exception as exc:  # e.g. no working inductor backend on this machine
+        _COMPILE_STATE["ok"] = False
+        print(f"  torch.compile failed, compiled column skipped: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+
+
 def _transformers_rvq(N, D, device):
     try:
         import transformers
@@ -113,6 +132,14 @@ def bench_device(device, records):
     wanted = set(ARGS.ops.split(","))
     snake_shapes = [(8, 96, 441000), (16, 1536, 862)] if not ARGS.small else [(2, 96, 44100), (2, 1536, 862)]
     rvq_shapes = [((16, 1024, 862), 9), ((16, 1024, 750), 32)] if not ARGS.small else [((2, 1024, 862), 9)]
+    if ARGS.snake_shapes is not None:
+        snake_shapes = [tuple(int(v) for v in t.split("x")) for t in ARGS.snake_shapes.split(",") if t]
+    if ARGS.rvq_shapes is not None:
+        rvq_shapes = []
+        for t in ARGS.rvq_shapes.split(","):
+            if t:
+                b, d, tt, n = (int(v) for v in t.split("x"))
+                rvq_shapes.append(((b, d, tt), n))
     use_compile = not ARGS.no_compile
 
     def record(op, shape, impl, t, nbytes, extra=None):
@@ -135,12 +162,14 @@ def bench_device(device, records):
                 eager = ops.snake_reference
                 diff = (torch.ops.dac_fast.snake(x, alpha) - eager(x, alpha)).abs().max().item()
                 record("snake", shape, "eager", _time(lambda: eager(x, alpha), device, R, W), 2 * n)
-                if use_compile:
-                    ce = _compile(eager)
-                    t0 = time.perf_counter()
-                    ce(x, alpha)
-                    record("snake", shape, "compiled", _time(lambda: ce(x, alpha), device, R, W), 2 * n,
-                           {"compile_s": time.perf_counter() - t0})
+                if use_compile and _compile_ok():
+                    def _c():
+                        ce = _compile(eager)
+                        t0 = time.perf_counter()
+                        ce(x, alpha)
+                        record("snake", shape, "compiled", _time(lambda: ce(x, alpha), device, R, W), 2 * n,
+                               {"compile_s": time.perf_counter() - t0})
+                    _guard_compile(_c)
                 record("snake", shape, "dac_fast", _time(lambda: torch.ops.dac_fast.snake(x, alpha), device, R, W), 2 * n,
                        {"max_abs_diff_vs_eager": diff})
                 if device == "cpu":  # the opt-in polynomial sine (not bit-identical)
@@ -159,13 +188,16 @@ def bench_device(device, records):
                     return s, ops.snake_reference(s, al)
 
                 record("add_snake", shape, "eager", _time(lambda: eager_add(x, b, alpha), device, R, W), 4 * n)
-                if use_compile:
-                    ce = _compile(eager_add)
-                    ce(x, b, alpha)
-                    record("add_snake", shape, "compiled", _time(lambda: ce(x, b, alpha), device, R, W), 4 * n)
+                if use_compile and _compile_ok():
+                    def _c():
+                        ce = _compile(eager_add)
+                        ce(x, b, alpha)
+                        record("add_snake", shape, "compiled", _time(lambda: ce(x, b, alpha), device, R, W), 4 * n)
+                    _guard_compile(_c)
                 record("add_snake", shape, "dac_fast", _time(lambda: torch.ops.dac_fast.add_snake(x, b, alpha), device, R, W),
                        4 * n)
                 del b
+                gc.collect()
             if "scale_bias_snake" in wanted:
                 sc = torch.rand(C, device=device) + 0.5
                 bi = torch.randn(C, device=device)
@@ -174,10 +206,12 @@ def bench_device(device, records):
                     return ops.snake_reference(y * sc.reshape(1, -1, 1) + bi.reshape(1, -1, 1), al)
 
                 record("scale_bias_snake", shape, "eager", _time(lambda: eager_sbs(x, sc, bi, alpha), device, R, W), 2 * n)
-                if use_compile:
-                    ce = _compile(eager_sbs)
-                    ce(x, sc, bi, alpha)
-                    record("scale_bias_snake", shape, "compiled", _time(lambda: ce(x, sc, bi, alpha), device, R, W), 2 * n)
+                if use_compile and _compile_ok():
+                    def _c():
+                        ce = _compile(eager_sbs)
+                        ce(x, sc, bi, alpha)
+                        record("scale_bias_snake", shape, "compiled", _time(lambda: ce(x, sc, bi, alpha), device, R, W), 2 * n)
+                    _guard_compile(_c)
                 record("scale_bias_snake", shape, "dac_fast",
                        _time(lambda: torch.ops.dac_fast.scale_bias_snake(x, sc, bi, alpha), device, R, W), 2 * n)
             del x, out
@@ -207,12 +241,14 @@ def bench_device(device, records):
                 agree = (fast_codes == codes).float().mean().item()
                 shp = (B, D, T, N)
                 record("rvq_encode", shp, "eager", _time(eager_enc, device, R, W), nb_enc, {"eager_impl": eager_name})
-                if use_compile:
-                    ce = _compile(lambda z: ops.rvq_encode_reference(z, *w, N))
-                    t0 = time.perf_counter()
-                    ce(z)
-                    record("rvq_encode", shp, "compiled", _time(lambda: ce(z), device, R, W), nb_enc,
-                           {"compile_s": time.perf_counter() - t0})
+                if use_compile and _compile_ok():
+                    def _c():
+                        ce = _compile(lambda z: ops.rvq_encode_reference(z, *w, N))
+                        t0 = time.perf_counter()
+                        ce(z)
+                        record("rvq_encode", shp, "compiled", _time(lambda: ce(z), device, R, W), nb_enc,
+                               {"compile_s": time.perf_counter() - t0})
+                    _guard_compile(_c)
                 record("rvq_encode", shp, "dac_fast", _time(lambda: torch.ops.dac_fast.rvq_encode(z, *w, N, True), device, R, W),
                        nb_enc, {"codes_identical_to_eager": same, "mode": "exact"})
                 record("rvq_encode", shp, "fast", _time(lambda: torch.ops.dac_fast.rvq_encode(z, *w, N, False), device, R, W),
@@ -225,10 +261,12 @@ def bench_device(device, records):
                 ours = torch.ops.dac_fast.rvq_decode(codes, *w[2:])
                 rel = ((ours - ref).abs().max() / ref.abs().max()).item()
                 record("rvq_decode", shp, "eager", _time(eager_dec, device, R, W), nb_dec, {"eager_impl": eager_name})
-                if use_compile:
-                    ce = _compile(lambda c: ops.rvq_decode_reference(c, *w[2:]))
-                    ce(codes)
-                    record("rvq_decode", shp, "compiled", _time(lambda: ce(codes), device, R, W), nb_dec)
+                if use_compile and _compile_ok():
+                    def _c():
+                        ce = _compile(lambda c: ops.rvq_decode_reference(c, *w[2:]))
+                        ce(codes)
+                        record("rvq_decode", shp, "compiled", _time(lambda: ce(codes), device, R, W), nb_dec)
+                    _guard_compile(_c)
                 record("rvq_decode", shp, "dac_fast", _time(lambda: torch.ops.dac_fast.rvq_decode(codes, *w[2:]), device, R, W),
                        nb_dec, {"max_rel_diff_vs_eager": rel})
             del z, q
