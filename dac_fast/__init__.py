@@ -8,6 +8,8 @@ from .configuration import PRESETS, DacConfig
 from .feature_extraction import DacFeatureExtractor
 from .modeling import DacModel
 from .outputs import DacDecoderOutput, DacEncoderOutput, DacOutput
+from .batch import decode_files, encode_files, load_model
+from .dacfile import DacFile
 
 __version__ = "0.1.0"
 
@@ -19,4 +21,8 @@ __all__ = [
     "DacEncoderOutput",
     "DacDecoderOutput",
     "PRESETS",
+    "encode_files",
+    "decode_files",
+    "load_model",
+    "DacFile",
 ]

@@ -22,6 +22,7 @@ EXAMPLES = textwrap.dedent(
       dac-fast decode codes/ -o restored/ --model /ckpt/dac_44khz
       dac-fast info codes/song.dac
       dac-fast encode demo/ -o out/ --model 44khz                       # RANDOM weights: try-out only
+      dac-fast encode /shared/corpus -o /shared/codes --model /ckpt/dac_44khz --ray   # Ray cluster (pip install .[ray])
 
     --model accepts a local directory (transformers layout), an original .pth checkpoint,
     a hub id, or a preset name (16khz, 24khz, 44khz, 44khz_16kbps) which builds the real
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exact: batch only equal-length items, codes identical to one-file-at-a-time "
                           "(default); pad: batch neighbours padded to the longest, faster on variable "
                           "lengths but the last few frames of shorter items may differ")
+    from .distributed import add_ray_arguments  # ray itself is imported only when --ray is used
+
+    add_ray_arguments(enc)
 
     dec = sub.add_parser(
         "decode", help=".dac codes -> audio files",
@@ -173,6 +177,10 @@ def main(argv=None) -> int:
     try:
         from .batch import decode_files, encode_files, load_model
 
+        if args.command == "encode" and getattr(args, "ray", None) is not None:
+            from .distributed import run_from_cli
+
+            return run_from_cli(args)
         for name in ("batch_size", "workers"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be >= 1")
