@@ -28,7 +28,9 @@ _VALID_BACKENDS = ("auto", "torch", "extension")
 # kernels in csrc/cpu, CUDA kernels in csrc/cuda). It is optional: without it every op below runs
 # its pure-torch reference. Debug switch read by the C++ code at every call: DAC_FAST_POISON=1
 # fills every output with NaN (codes with -1) before the kernel runs, so tests can show that
-# every element is written.
+# every element is written. DAC_FAST_SNAKE_SIN=fast (CPU, fp32 only, read at every call) swaps the
+# bit-identical sine (ATen's own kernel) for a vectorized polynomial one: several times faster,
+# ~2 ulp, no longer bit-identical to eager torch / transformers. CUDA always uses sinf.
 _C = None
 _C_ERROR: str | None = None
 _KERNEL_DEVICES: frozenset = frozenset()

@@ -150,12 +150,11 @@ else
 fi
 if [ -f benchmarks/bench_model.py ]; then
   MODEL_ARGS=()
-  if "$PY" benchmarks/bench_model.py --help 2>/dev/null | grep -q -- "--json"; then
-    MODEL_ARGS+=(--json "$OUT/bench_model.json")
-  fi
-  if [ "$HAS_GPU" = "1" ] && "$PY" benchmarks/bench_model.py --help 2>/dev/null | grep -q -- "--device"; then
-    MODEL_ARGS+=(--device cuda)
-  fi
+  MODEL_HELP="$("$PY" benchmarks/bench_model.py --help 2>/dev/null || true)"
+  if grep -q -- "--quick" <<<"$MODEL_HELP"; then MODEL_ARGS+=(--quick); fi
+  if grep -q -- "--out" <<<"$MODEL_HELP"; then MODEL_ARGS+=(--out "$OUT/bench_model"); fi
+  if grep -q -- "--json" <<<"$MODEL_HELP"; then MODEL_ARGS+=(--json "$OUT/bench_model.json"); fi
+  if [ "$HAS_GPU" = "1" ] && grep -q -- "--device" <<<"$MODEL_HELP"; then MODEL_ARGS+=(--device cuda); fi
   run_step bench_model 300 "$PY" benchmarks/bench_model.py "${MODEL_ARGS[@]}"
 else
   skip_step bench_model "benchmarks/bench_model.py not present"
