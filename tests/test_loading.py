@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from dac_fast import DacConfig, DacModel
+from dac_fast import DacConfig, DacModel, ops
 from dac_fast.loading import fold_weight_norm
 from tests.reference import import_original_dac, model_pair, randomize_original_, synth_audio
 
@@ -56,7 +56,10 @@ def test_original_checkpoint_matches_original_package(original_checkpoints, name
         agreement = (out.audio_codes == codes_ref).float().mean().item()
         assert agreement >= 0.99, agreement
         assert rel_err(ours.encoder(x), original.encoder(x)) < 1e-5
-        assert rel_err(ours.decoder(z_ref), original.decoder(z_ref)) < 1e-5
+        with ops.backend("torch"):  # the reference arithmetic: only the converted weights can differ
+            assert rel_err(ours.decoder(z_ref), original.decoder(z_ref)) < 1e-5
+        # the fast path reassociates the upsampling convolutions; this random decoder amplifies rounding ~10x
+        assert rel_err(ours.decoder(z_ref), original.decoder(z_ref)) < 1e-4
         if agreement == 1.0:
             assert rel_err(out.quantized_representation, z_ref) < 1e-5
             assert rel_err(out.projected_latents, latents_ref) < 1e-5
