@@ -372,6 +372,14 @@ def decoder_halo_frames(config: DacConfig) -> int:
     return math.ceil(reach / config.hop_length) + 1
 
 
+def encoded_frames(config: DacConfig, n_samples: int) -> int:
+    """Latent frames the encoder produces for ``n_samples`` (ceil-free: a partial hop may add or drop one)."""
+    length = n_samples
+    for s in config.downsampling_ratios:
+        length = (length + 2 * math.ceil(s / 2) - 2 * s) // s + 1
+    return length
+
+
 def decoded_length(config: DacConfig, n_frames: int) -> int:
     """Samples the decoder produces for ``n_frames`` latent frames: n_frames * hop_length, less one sample per
     odd-stride transposed convolution (transformers and the original have no output_padding)."""
@@ -410,7 +418,9 @@ def run_tiled(fn, inputs: torch.Tensor, n_frames: int, in_per_frame: int, out_pe
     whose input starts at frame f is sample k + f * out_per_frame of the whole output."""
     out = None
     for items, start, stop, ctx_start, ctx_stop in _tile_plan(inputs.shape[0], n_frames, tile_frames, halo):
-        piece = fn(inputs[items, :, ctx_start * in_per_frame : ctx_stop * in_per_frame])
+        # the last piece runs to the end of the input, so a partial last hop is seen as in the whole pass
+        end = None if ctx_stop == n_frames else ctx_stop * in_per_frame
+        piece = fn(inputs[items, :, ctx_start * in_per_frame : end])
         if out is None:
             out = piece.new_empty(inputs.shape[0], piece.shape[1], out_length)
         width = min(stop * out_per_frame, out_length) - start * out_per_frame
@@ -546,9 +556,9 @@ class DacModel(nn.Module):
         hop = self.config.hop_length
         length = input_values.shape[-1]
         tile = self._tile_frames(tile_frames, self.encode_tile_frames, input_values, self.encoder)
-        if tile is None or length % hop:
+        n_frames = encoded_frames(self.config, length)
+        if tile is None or n_frames < 1:
             return self.encoder(input_values)
-        n_frames = length // hop
         return run_tiled(self.encoder, input_values, n_frames, hop, 1, n_frames, tile,
                          encoder_halo_frames(self.config))
 

@@ -141,6 +141,10 @@ def test_time_tiles_give_identical_codes():
         whole = ours.encode(x, tile_frames=10**6)
         tiled = ours.encode(x, tile_frames=37)
         assert torch.equal(tiled.audio_codes, whole.audio_codes)
+        for odd in (hop * 100 + 1, hop * 100 + 177, hop * 100 - 1):  # a partial last hop
+            whole_odd = ours.encode(x[..., :odd], tile_frames=10**6)
+            tiled_odd = ours.encode(x[..., :odd], tile_frames=31)
+            assert torch.equal(tiled_odd.audio_codes, whole_odd.audio_codes), odd
         assert_close(tiled.quantized_representation, whole.quantized_representation, what="tiled latent")
         z = whole.quantized_representation[..., :97]
         audio = ours.decode(z, tile_frames=10**6).audio_values
