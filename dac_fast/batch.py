@@ -548,6 +548,35 @@ def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers
     prog.close()
 
 
+def encode_rows(model, rows: list, frames: list, hop: int, device, dtype, n_quantizers=None, **encode_kwargs):
+    """The model step of every encoder (files, Ray actors): zero-pad each item's rows (channels, samples) to
+    the longest item's ``frames * hop``, encode all rows in one call, and return each item's codes
+    (channels, n_codebooks, its own frames) as int64 numpy arrays."""
+    import torch
+
+    n_rows = sum(r.shape[0] for r in rows)
+    buf = torch.zeros(n_rows, 1, max(frames) * hop, dtype=torch.float32)
+    i = 0
+    for r in rows:
+        c, n = r.shape
+        buf[i:i + c, 0, :n] = torch.from_numpy(np.require(r, requirements="W"))  # Ray hands read-only arrays
+        i += c
+    x = _to_device(buf, device).to(dtype)
+    if n_quantizers is not None:
+        encode_kwargs["n_quantizers"] = n_quantizers
+    with torch.inference_mode():
+        out = model.encode(x, return_dict=True, **encode_kwargs)
+    codes = out.audio_codes if hasattr(out, "audio_codes") else out[1]
+    if n_quantizers is not None:
+        codes = codes[:, :n_quantizers]
+    codes = codes.to("cpu", torch.int64).numpy()
+    res, i = [], 0
+    for r, f in zip(rows, frames):
+        res.append(codes[i:i + r.shape[0], :, :f])
+        i += r.shape[0]
+    return res
+
+
 def _as_numpy(t):
     return t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
 
@@ -644,31 +673,8 @@ def encode_files(
                                duration=n / in_sr))
 
     def model_fn(batch: list[_Item]):
-        frames = max(it.frames for it in batch)
-        T = frames * hop
-        rows = sum(it.rows.shape[0] for it in batch)
-        buf = torch.zeros(rows, 1, T, dtype=torch.float32)
-        r = 0
-        for it in batch:
-            c, n = it.rows.shape
-            buf[r:r + c, 0, :n] = torch.from_numpy(it.rows)
-            r += c
-        x = _to_device(buf, dev).to(mdtype)
-        with torch.inference_mode():
-            kw = dict(enc_kwargs)
-            if nq is not None:
-                kw["n_quantizers"] = nq
-            out = model.encode(x, return_dict=True, **kw)
-        codes = out.audio_codes if hasattr(out, "audio_codes") else out[1]
-        if nq is not None:
-            codes = codes[:, :nq]
-        codes = codes.to("cpu", torch.int64).numpy()
-        res, r = [], 0
-        for it in batch:
-            c = it.rows.shape[0]
-            res.append(codes[r:r + c, :, :it.frames])
-            r += c
-        return res
+        return encode_rows(model, [it.rows for it in batch], [it.frames for it in batch], hop, dev, mdtype, nq,
+                           **enc_kwargs)
 
     def write_fn(it: _Item, codes):
         m = it.meta

@@ -216,33 +216,11 @@ class _Encoder:
                 self.kw["tile_frames"] = int(tile_frames)
 
     def _encode_group(self, rows: list[np.ndarray], frames: int) -> list[np.ndarray]:
-        """Same as dac_fast.batch.encode_files' model step: zero-pad to frames*hop, one encode."""
-        import torch
+        """encode_files' model step, on items of one frame count."""
+        from .batch import encode_rows
 
-        T = frames * self.hop
-        n_rows = sum(r.shape[0] for r in rows)
-        buf = torch.zeros(n_rows, 1, T, dtype=torch.float32)
-        i = 0
-        for r in rows:
-            c, n = r.shape
-            buf[i:i + c, 0, :n] = torch.from_numpy(np.require(r, requirements="W"))
-            i += c
-        x = buf.to(self.device, non_blocking=self.device.type == "cuda").to(self.dtype)
-        kw = dict(self.kw)
-        if self.nq is not None:
-            kw["n_quantizers"] = self.nq
-        with torch.inference_mode():
-            out = self.model.encode(x, return_dict=True, **kw)
-        codes = out.audio_codes if hasattr(out, "audio_codes") else out[1]
-        if self.nq is not None:
-            codes = codes[:, : self.nq]
-        codes = codes.to("cpu", torch.int64).numpy()
-        res, i = [], 0
-        for r in rows:
-            c = r.shape[0]
-            res.append(codes[i:i + c, :, :frames])
-            i += c
-        return res
+        return encode_rows(self.model, rows, [frames] * len(rows), self.hop, self.device, self.dtype, self.nq,
+                           **self.kw)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["path"])
