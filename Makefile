@@ -17,6 +17,8 @@ $(VENV)/.deps-stamp: requirements-dev.txt
 	$(VPY) -m pip install -q -r requirements-dev.txt
 	# the original package, for parity tests: its audiotools dependency pins an old stack, so no deps
 	$(VPY) -m pip install -q --no-deps descript-audio-codec==1.0.0
+	# audiotools' loudness meter source, for the loudness parity test (its import needs torchaudio; the test loads the meter file)
+	$(VPY) -m pip install -q --no-deps descript-audiotools==0.7.2 julius
 	touch $@
 
 setup: $(VENV)/.deps-stamp
