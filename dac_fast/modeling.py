@@ -518,7 +518,8 @@ class DacModel(nn.Module):
         """Item-frames per tile, or None to run untiled (autograd needs the whole graph)."""
         tile = default if requested is None else requested
         if tile is None:
-            tile = (16384 if inputs.is_cuda else 192) if net is self.encoder else (8192 if inputs.is_cuda else 192)
+            # CPU: 192 frames measured best across allocator settings (benchmarks/bench_tiles.py)
+            tile = (16384 if net is self.encoder else 8192) if inputs.is_cuda else 192
         if not isinstance(tile, int) or tile < 1:
             raise ValueError(f"tile_frames must be a positive number of frames, got {tile!r}")
         needs_graph = torch.is_grad_enabled() and (
