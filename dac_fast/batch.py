@@ -44,6 +44,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import io as aio
+from .configuration import PRESETS
 from .dacfile import DacFile, DacFileError, load_any
 
 AUDIO_EXTENSIONS = (
@@ -52,7 +53,7 @@ AUDIO_EXTENSIONS = (
 )
 CODE_EXTENSIONS = (".dac", ".json")
 FORMATS = ("dac", "npy")
-PRESET_NAMES = ("16khz", "24khz", "44khz", "44khz_16kbps")
+PRESET_NAMES = tuple(PRESETS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,45 +183,9 @@ def parse_dtype(dtype):
 
 
 def _dac_model_class():
-    try:
-        from .modeling import DacModel  # the lead's model
+    from .modeling import DacModel
 
-        if hasattr(DacModel, "from_preset") and hasattr(DacModel, "from_pretrained"):
-            return DacModel
-        return _HFStandIn
-    except ImportError:
-        return _HFStandIn
-
-
-class _HFStandIn:
-    """Fallback while dac_fast.modeling is unavailable: transformers' DacModel with presets."""
-
-    PRESETS = {
-        "16khz": dict(downsampling_ratios=[2, 4, 5, 8], n_codebooks=12, sampling_rate=16000),
-        "24khz": dict(downsampling_ratios=[2, 4, 5, 8], n_codebooks=32, sampling_rate=24000),
-        "44khz": dict(downsampling_ratios=[2, 4, 8, 8], n_codebooks=9, sampling_rate=44100),
-    }
-
-    @classmethod
-    def from_preset(cls, name, seed=0):
-        import torch
-        from transformers import DacConfig, DacModel
-
-        if name not in cls.PRESETS:
-            raise ValueError(f"preset {name!r} needs dac_fast.DacModel")
-        torch.manual_seed(seed)
-        cfg = DacConfig(encoder_hidden_size=64, decoder_hidden_size=1536, hidden_size=1024, **cls.PRESETS[name])
-        return DacModel(cfg).eval()
-
-    @classmethod
-    def from_pretrained(cls, spec):
-        from transformers import DacModel
-
-        return DacModel.from_pretrained(spec)
-
-    @classmethod
-    def from_original(cls, path):  # pragma: no cover
-        raise RuntimeError("loading original .pth checkpoints needs dac_fast.DacModel")
+    return DacModel
 
 
 def model_rate_and_hop(model) -> tuple[int, int]:

@@ -20,6 +20,13 @@ _IGNORED_KEYS = {
 }
 
 
+# The fields transformers' DacConfig has (ours adds latent_dim).
+TRANSFORMERS_FIELDS = (
+    "encoder_hidden_size", "downsampling_ratios", "decoder_hidden_size", "n_codebooks", "codebook_size",
+    "codebook_dim", "quantizer_dropout", "commitment_loss_weight", "codebook_loss_weight", "sampling_rate",
+)
+
+
 class DacConfig:
     """Configuration of a DAC model; same fields and defaults as ``transformers.DacConfig``.
 

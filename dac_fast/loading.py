@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from .configuration import CONFIG_NAME, DacConfig
+from .configuration import CONFIG_NAME, TRANSFORMERS_FIELDS, DacConfig
 
 SAFETENSORS_NAME = "model.safetensors"
 TORCH_WEIGHTS_NAME = "pytorch_model.bin"
@@ -180,9 +180,7 @@ def load_pretrained(cls, path_or_id, *, device=None, dtype=None, backend=None, *
 
 def convert_transformers(cls, hf_model, *, backend=None):
     hf_config = hf_model.config
-    fields = ("encoder_hidden_size", "downsampling_ratios", "decoder_hidden_size", "n_codebooks", "codebook_size",
-              "codebook_dim", "quantizer_dropout", "commitment_loss_weight", "codebook_loss_weight", "sampling_rate")
-    config = DacConfig(**{f: getattr(hf_config, f) for f in fields})
+    config = DacConfig(**{f: getattr(hf_config, f) for f in TRANSFORMERS_FIELDS})
     param = next(hf_model.parameters())
     state_dict = fold_weight_norm(hf_model.state_dict(), device=param.device)
     return build_model(cls, config, state_dict, device=param.device, dtype=param.dtype, backend=backend,

@@ -10,8 +10,8 @@ d codebook dimension.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -461,7 +461,7 @@ class DacModel(nn.Module):
         self.decoder = DacDecoder(config)
         self.quantizer = DacResidualVectorQuantizer(config)
         self.bits_per_codebook = int(math.log2(config.codebook_size))
-        self.backend = backend or os.environ.get("DAC_FAST_BACKEND", "auto")
+        self.backend = backend  # None: whatever ops is set to (DAC_FAST_BACKEND, or a backend() block)
         # Inference tiles in item-frames (None: per device, sized so that on CPU the largest activation
         # stays under glibc's 32 MB mmap threshold and is recycled instead of page-faulted in anew).
         self.encode_tile_frames: int | None = None
@@ -485,6 +485,9 @@ class DacModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    def _backend_scope(self):
+        return ops.backend(self.backend) if self.backend else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ checks
     def _check_n_quantizers(self, n_quantizers) -> int:
@@ -545,7 +548,7 @@ class DacModel(nn.Module):
         input_values = input_values.to(self.dtype)  # float64 numpy audio, or fp32 audio into a bf16 model
         n_quantizers = self._check_n_quantizers(n_quantizers)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        with ops.backend(self.backend):
+        with self._backend_scope():
             latent = self._encode_latent(input_values, tile_frames)
             quantized, codes, latents, commitment_loss, codebook_loss = self.quantizer(latent, n_quantizers)
         loss = self.config.commitment_loss_weight * commitment_loss + self.config.codebook_loss_weight * codebook_loss
@@ -576,7 +579,7 @@ class DacModel(nn.Module):
         if quantized_representation is None and audio_codes is None:
             raise ValueError("Either `quantized_representation` or `audio_codes` must be provided.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        with ops.backend(self.backend):
+        with self._backend_scope():
             if audio_codes is not None:
                 self._check_codes(audio_codes)
                 quantized_representation = self.quantizer.from_codes(audio_codes)[0]

@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 
 from dac_fast import DacConfig, DacModel
+from dac_fast.configuration import TRANSFORMERS_FIELDS
 from dac_fast.loading import randomize_
 
-HF_FIELDS = ("encoder_hidden_size", "downsampling_ratios", "decoder_hidden_size", "n_codebooks", "codebook_size",
-             "codebook_dim", "quantizer_dropout", "commitment_loss_weight", "codebook_loss_weight", "sampling_rate")
+HF_FIELDS = TRANSFORMERS_FIELDS
 
 
 def hf_config(config: DacConfig, **overrides):
