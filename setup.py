@@ -127,7 +127,7 @@ def _extensions():
             cxx[1] = "-std=c++20"
     except ValueError:
         pass
-    sources = ["csrc/dac_fast.cpp", "csrc/cpu/kernels_cpu.cpp"]
+    sources = ["csrc/dac_fast.cpp", "csrc/cpu/kernels_cpu.cpp", "csrc/cpu/buffer_cache.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     extra = {"cxx": cxx}

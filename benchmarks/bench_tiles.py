@@ -1,4 +1,4 @@
-"""Where dac_fast's model time goes: tile sizes, the pure-torch backend, in one process.
+"""Where dac_fast's model time goes: tile sizes, the CPU buffer cache, the pure-torch backend, in one process.
 
     python benchmarks/bench_tiles.py [--allocator tuned|default] [--seconds 5] [--json out.json]
 
@@ -48,10 +48,16 @@ rows = []
 with torch.inference_mode():
     z = ours.encode(x).quantized_representation
     rows.append(("transformers eager", best_of(lambda: hf.encode(x)), best_of(lambda: hf.decode(z))))
-    for tile in (96, 192, 384, 10**9):
+    for tile in (96, 192, 384, 768, 10**9):
         name = "dac_fast untiled" if tile == 10**9 else f"dac_fast tiles of {tile} frames"
         rows.append((name, best_of(lambda: ours.encode(x, tile_frames=tile)),
                      best_of(lambda: ours.decode(z, tile_frames=tile))))
+    os.environ["DAC_FAST_CPU_CACHE_MB"] = "0"  # read at every call
+    for tile in (192, 10**9):
+        name = "untiled" if tile == 10**9 else f"tiles of {tile} frames"
+        rows.append((f"dac_fast {name}, buffer cache off", best_of(lambda: ours.encode(x, tile_frames=tile)),
+                     best_of(lambda: ours.decode(z, tile_frames=tile))))
+    del os.environ["DAC_FAST_CPU_CACHE_MB"]
     with ops.backend("torch"):
         rows.append(("dac_fast untiled, pure-torch backend", best_of(lambda: ours.encode(x, tile_frames=10**9)),
                      best_of(lambda: ours.decode(z, tile_frames=10**9))))

@@ -12,11 +12,27 @@
 #include "dac_fast_ops.h"
 #include "rvq_math.h"
 
+namespace {
+// Module functions (not operators: they change allocator state, which torch.compile must not trace).
+PyObject* py_buffer_cache_enter(PyObject*, PyObject*) { return PyBool_FromLong(dac_fast::buffer_cache_enter()); }
+PyObject* py_buffer_cache_exit(PyObject*, PyObject*) {
+  dac_fast::buffer_cache_exit();
+  Py_RETURN_NONE;
+}
+PyObject* py_buffer_cache_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(dac_fast::buffer_cache_bytes()); }
+PyMethodDef module_methods[] = {
+    {"buffer_cache_enter", py_buffer_cache_enter, METH_NOARGS,
+     "Start recycling freed CPU buffers (nestable); returns whether the cache is torch's CPU allocator now."},
+    {"buffer_cache_exit", py_buffer_cache_exit, METH_NOARGS, "End one enter(); the outermost frees the cached buffers."},
+    {"buffer_cache_bytes", py_buffer_cache_bytes, METH_NOARGS, "Bytes held in freed, cached buffers."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
 // `import dac_fast._C` loads this library; the operators register through TORCH_LIBRARY at load.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "dac_fast fused operators (torch.ops.dac_fast)", -1,
-                                          nullptr};
+                                          module_methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -462,8 +462,8 @@ class DacModel(nn.Module):
         self.quantizer = DacResidualVectorQuantizer(config)
         self.bits_per_codebook = int(math.log2(config.codebook_size))
         self.backend = backend  # None: whatever ops is set to (DAC_FAST_BACKEND, or a backend() block)
-        # Inference tiles in item-frames (None: per device, sized so that on CPU the largest activation
-        # stays under glibc's 32 MB mmap threshold and is recycled instead of page-faulted in anew).
+        # Inference tiles in item-frames (None: per device). On CPU the tiles' buffers are recycled from
+        # tile to tile (ops.cpu_buffer_cache) instead of page-faulted in anew.
         self.encode_tile_frames: int | None = None
         self.decode_tile_frames: int | None = None
         self._init_weights()
@@ -521,8 +521,9 @@ class DacModel(nn.Module):
         """Item-frames per tile, or None to run untiled (autograd needs the whole graph)."""
         tile = default if requested is None else requested
         if tile is None:
-            # CPU: 192 frames measured best across allocator settings (benchmarks/bench_tiles.py)
-            tile = (16384 if net is self.encoder else 8192) if inputs.is_cuda else 192
+            # CPU: 384 frames measured best across allocator settings with the buffer cache
+            # (benchmarks/bench_tiles.py, RESULTS.md)
+            tile = (16384 if net is self.encoder else 8192) if inputs.is_cuda else 384
         if not isinstance(tile, int) or tile < 1:
             raise ValueError(f"tile_frames must be a positive number of frames, got {tile!r}")
         needs_graph = torch.is_grad_enabled() and (
@@ -563,8 +564,9 @@ class DacModel(nn.Module):
         n_frames = encoded_frames(self.config, length)
         if tile is None or n_frames < 1:
             return self.encoder(input_values)
-        return run_tiled(self.encoder, input_values, n_frames, hop, 1, n_frames, tile,
-                         encoder_halo_frames(self.config))
+        with ops.cpu_buffer_cache(input_values):
+            return run_tiled(self.encoder, input_values, n_frames, hop, 1, n_frames, tile,
+                             encoder_halo_frames(self.config))
 
     # ------------------------------------------------------------------ decode
     def decode(
@@ -603,8 +605,9 @@ class DacModel(nn.Module):
         if tile is None:
             return self.decoder(z)
         n_frames = z.shape[-1]
-        return run_tiled(self.decoder, z, n_frames, 1, self.config.hop_length, decoded_length(self.config, n_frames),
-                         tile, decoder_halo_frames(self.config))
+        with ops.cpu_buffer_cache(z):
+            return run_tiled(self.decoder, z, n_frames, 1, self.config.hop_length,
+                             decoded_length(self.config, n_frames), tile, decoder_halo_frames(self.config))
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_values: torch.Tensor, n_quantizers: int | None = None, return_dict: bool | None = None):

@@ -20,6 +20,11 @@ Tensor rvq_decode(const Tensor& codes, const Tensor& codebook, const Tensor& out
 
 bool poison_enabled();
 
+// csrc/cpu/buffer_cache.cpp: recycle CPU buffers by size during an inference call (see there)
+bool buffer_cache_enter();
+void buffer_cache_exit();
+int64_t buffer_cache_bytes();
+
 // ---- device kernels. All tensors contiguous, validated by the front ends.
 // Snake family forward: u = x (b, scale, bias undefined) | x + b | scale * x + bias; y = snake(u);
 // `sum` (defined only in add mode) receives u. alpha/scale/bias: fp32 (fp64 for fp64 x), C elements.
