@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <algorithm>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -80,6 +81,7 @@ class BufferCache final : public c10::Allocator {
     if (n == 0) return {nullptr, nullptr, &release, cpu};
     const size_t size = (n + kRound - 1) / kRound * kRound;
     void* p = nullptr;
+    std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mu_);
       // best fit up to twice the request: layers differ by a few frames of padding and, stage to stage,
@@ -91,8 +93,20 @@ class BufferCache final : public c10::Allocator {
         live_[p] = it->first;
         note_live(it->first);
         free_.erase(it);
+      } else {
+        // a miss: give back cached blocks (largest first) rather than let this scope's memory (in use +
+        // cached) grow past its peak in use, which is what the computation needs without any cache
+        const size_t in_use = live_bytes_ - std::min(live_bytes_, scope_base_bytes_);
+        const size_t target = std::max(peak_live_bytes_ - scope_base_bytes_, in_use + size);
+        while (!free_.empty() && in_use + cached_bytes_ + size > target) {
+          auto largest = std::prev(free_.end());
+          cached_bytes_ -= largest->first;
+          evicted.push_back(largest->second);
+          free_.erase(largest);
+        }
       }
     }
+    for (void* q : evicted) c10::free_cpu(q);
     if (p == nullptr) {
       p = c10::alloc_cpu(size);
       std::lock_guard<std::mutex> lock(mu_);
