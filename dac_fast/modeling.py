@@ -68,6 +68,39 @@ class DacVectorQuantize(nn.Module):
         return quantized_representation, indices
 
 
+def weight_norm_parts(conv: nn.Module):
+    """(v, scale) of a convolution reparametrized by ``weight_norm`` (dim 0), else None.
+
+    weight = v * scale along axis 0 with scale = g / ||v|| (norm over the other axes) of shape (weight.shape[0],):
+    per output channel for Conv1d (weight (C_out, C_in, k)), per INPUT channel for ConvTranspose1d (weight
+    (C_in, C_out, k)).
+    """
+    if not nn.utils.parametrize.is_parametrized(conv, "weight"):
+        return None
+    chain = conv.parametrizations.weight
+    if len(chain) != 1 or not isinstance(chain[0], nn.utils.parametrizations._WeightNorm) or chain[0].dim != 0:
+        return None
+    g, v = chain.original0, chain.original1
+    return v, g.reshape(-1) / torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())))
+
+
+def conv_forward(conv: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
+    """``conv(hidden_state)``. Under weight norm the normalized weight is not built: the convolution runs on
+    v and the per-channel scale goes to its output (Conv1d) or, for ConvTranspose1d, whose norm runs over
+    the input-channel axis, to its input."""
+    parts = weight_norm_parts(conv)
+    if parts is None:
+        return conv(hidden_state)
+    v, scale = parts
+    if isinstance(conv, nn.ConvTranspose1d):
+        return F.conv_transpose1d(hidden_state * scale.view(1, -1, 1), v, conv.bias, conv.stride, conv.padding,
+                                  conv.output_padding, conv.groups, conv.dilation)
+    out = F.conv1d(hidden_state, v, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if conv.bias is None:
+        return out * scale.view(1, -1, 1)
+    return torch.addcmul(conv.bias.view(1, -1, 1), out, scale.view(1, -1, 1))
+
+
 class DacResidualUnit(nn.Module):
     """Snake, dilated conv k=7, Snake, conv k=1, plus the (centre-cropped) input."""
 
@@ -81,16 +114,29 @@ class DacResidualUnit(nn.Module):
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """(B, C, T) -> (B, C, T)."""
-        output_tensor = self.conv2(self.snake2(self.conv1(self.snake1(hidden_state))))
+        parts = weight_norm_parts(self.conv1)
+        if parts is None:
+            activated = self.snake2(self.conv1(self.snake1(hidden_state)))
+        else:  # weight norm: conv1's g / ||v|| scale and bias run inside snake2, the weight is never built
+            v, scale = parts
+            conv = self.conv1
+            branch = F.conv1d(self.snake1(hidden_state), v, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+            activated = ops.scale_bias_snake(branch, scale, conv.bias, self.snake2.alpha)
+        output_tensor = conv_forward(self.conv2, activated)
         padding = (hidden_state.shape[-1] - output_tensor.shape[-1]) // 2
         if padding > 0:
             hidden_state = hidden_state[..., padding:-padding]
         return hidden_state + output_tensor
 
 
+def _needs_graph(module: nn.Module, inputs: torch.Tensor) -> bool:
+    """Autograd must record the call: grad mode is on and the input or a parameter of ``module`` requires grad."""
+    return torch.is_grad_enabled() and (inputs.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
 def _inference(hidden_state: torch.Tensor, module: nn.Module) -> bool:
-    """True when no autograd graph is needed: the fused inference structure may run."""
-    return not module.training and not (torch.is_grad_enabled() and hidden_state.requires_grad)
+    """True when the fused inference structure may run: eval mode and no autograd graph needed."""
+    return not module.training and not _needs_graph(module, hidden_state)
 
 
 def _residual_chain(units, hidden_state: torch.Tensor, next_alpha: torch.Tensor) -> torch.Tensor:
@@ -158,7 +204,7 @@ class DacEncoderBlock(nn.Module):
         """(B, C, T) -> (B, 2C, T / stride)."""
         hidden_state = self.res_unit2(self.res_unit1(hidden_state))
         hidden_state = self.snake1(self.res_unit3(hidden_state))
-        return self.conv1(hidden_state)
+        return conv_forward(self.conv1, hidden_state)
 
 
 class DacDecoderBlock(nn.Module):
@@ -178,7 +224,7 @@ class DacDecoderBlock(nn.Module):
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """(B, C, T) -> (B, C / 2, T * stride)."""
-        hidden_state = self.conv_t1(self.snake1(hidden_state))
+        hidden_state = conv_forward(self.conv_t1, self.snake1(hidden_state))
         hidden_state = self.res_unit2(self.res_unit1(hidden_state))
         return self.res_unit3(hidden_state)
 
@@ -209,7 +255,7 @@ class DacResidualVectorQuantizer(nn.Module):
         """(B, D, F) -> quantized (B, D, F), codes (B, n, F), latents (B, n * d, F), commitment_loss (B,),
         codebook_loss (B,). In training, quantizer dropout draws the number of codebooks per item."""
         n_quantizers = n_quantizers if n_quantizers is not None else self.n_codebooks
-        if not self.training and not (torch.is_grad_enabled() and hidden_state.requires_grad):
+        if _inference(hidden_state, self):
             return self._forward_inference(hidden_state, n_quantizers)
         return self._forward_reference(hidden_state, n_quantizers)
 
@@ -303,8 +349,8 @@ class DacDecoder(nn.Module):
         self.tanh = nn.Tanh()
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        hidden_state = self.conv1(hidden_state)
         if _inference(hidden_state, self):
+            hidden_state = self.conv1(hidden_state)
             activated = self.block[0].snake1(hidden_state)
             for i, block in enumerate(self.block):
                 units = (block.res_unit1, block.res_unit2, block.res_unit3)
@@ -315,9 +361,10 @@ class DacDecoder(nn.Module):
                     upsampled = block.conv_t1(activated)
                 activated = _residual_chain(units, upsampled, next_alpha)
             return self.tanh(self.conv2(activated))
+        hidden_state = conv_forward(self.conv1, hidden_state)
         for layer in self.block:
             hidden_state = layer(hidden_state)
-        return self.tanh(self.conv2(self.snake1(hidden_state)))
+        return self.tanh(conv_forward(self.conv2, self.snake1(hidden_state)))
 
 
 class DacEncoder(nn.Module):
@@ -334,15 +381,16 @@ class DacEncoder(nn.Module):
         self.conv2 = nn.Conv1d(d_model, config.hidden_size, kernel_size=3, padding=1)
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        hidden_state = self.conv1(hidden_state)
         if _inference(hidden_state, self):
+            hidden_state = self.conv1(hidden_state)
             for block in self.block:
                 units = (block.res_unit1, block.res_unit2, block.res_unit3)
                 hidden_state = block.conv1(_residual_chain(units, hidden_state, block.snake1.alpha))
-        else:
-            for module in self.block:
-                hidden_state = module(hidden_state)
-        return self.conv2(self.snake1(hidden_state))
+            return self.conv2(self.snake1(hidden_state))
+        hidden_state = conv_forward(self.conv1, hidden_state)
+        for module in self.block:
+            hidden_state = module(hidden_state)
+        return conv_forward(self.conv2, self.snake1(hidden_state))
 
 
 # ----------------------------------------------------------------------------- time tiles
@@ -526,9 +574,7 @@ class DacModel(nn.Module):
             tile = (16384 if net is self.encoder else 8192) if inputs.is_cuda else 384
         if not isinstance(tile, int) or tile < 1:
             raise ValueError(f"tile_frames must be a positive number of frames, got {tile!r}")
-        needs_graph = torch.is_grad_enabled() and (
-            inputs.requires_grad or any(p.requires_grad for p in net.parameters()))
-        return None if needs_graph else tile
+        return None if _needs_graph(net, inputs) else tile
 
     # ------------------------------------------------------------------ encode
     def encode(

@@ -133,6 +133,86 @@ def test_train_mode_losses_and_gradients(dropout):
     assert checked > 100
 
 
+def _perturb_weight_norm_gains_(model, seed):
+    """apply_weight_norm sets g = ||v|| (scale 1), which would hide a scale on the wrong axis: draw new gains."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("parametrizations.weight.original0"):
+                p.mul_(torch.rand(p.shape, generator=gen) + 0.5)
+
+
+def test_weight_norm_training_never_builds_conv_weights(monkeypatch):
+    """Training under weight norm: conv1 + Snake fused through scale_bias_snake, every other conv on v with
+    the g / ||v|| scale on its output (on its input for ConvTranspose1d, whose norm runs over input channels).
+    Forward, losses and gradients for g, v, biases and alphas match transformers' parametrized model."""
+    hf, ours = model_pair("16khz", seed=5)
+    for model in (hf, ours):
+        model.apply_weight_norm()
+        _perturb_weight_norm_gains_(model, seed=9)
+        model.train()
+    x = torch.from_numpy(np.stack([synth_audio(320 * 9 + 17, 16000, seed=s) for s in (3, 4)]))[:, None]
+    calls = []
+    original = torch.nn.utils.parametrizations._WeightNorm.forward
+
+    def counting(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    outs = []
+    for model in (hf, ours):
+        calls.clear()
+        model.zero_grad()
+        torch.manual_seed(77)
+        with monkeypatch.context() as m:
+            m.setattr(torch.nn.utils.parametrizations._WeightNorm, "forward", counting)
+            out = model(x)
+        (out.loss.mean() + out.audio_values.pow(2).mean()).backward()
+        outs.append((out, len(calls)))
+    (ref, hf_calls), (out, our_calls) = outs
+    n_convs = sum(isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)) for m in ours.modules())
+    n_quantizer_convs = 2 * ours.config.n_codebooks
+    assert hf_calls >= n_convs  # the reference builds every weight
+    assert our_calls <= n_quantizer_convs  # only the quantizer's 1x1 projections still build theirs
+    assert_close(out.audio_values, ref.audio_values, rtol=1e-4, what="weight-norm train audio")
+    assert_close(out.loss, ref.loss, what="weight-norm train loss")
+    assert torch.equal(out.audio_codes, ref.audio_codes)
+    hf_params = dict(hf.named_parameters())
+    checked = {"original0": 0, "original1": 0, "bias": 0, "alpha": 0}
+    for name, p in ours.named_parameters():
+        ref_grad = hf_params[name].grad
+        if ref_grad is None:
+            continue
+        assert p.grad is not None, f"no gradient for {name}"
+        assert_close(p.grad, ref_grad, rtol=2e-4, what=f"grad {name}")
+        for key in checked:
+            checked[key] += name.endswith(key)
+    assert all(v > 10 for v in checked.values()), checked
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_conv_forward_weight_norm_axis(transposed):
+    """The scale goes on the axis weight norm normalizes: output channels for Conv1d, input channels for
+    ConvTranspose1d (its weight is (C_in, C_out, k))."""
+    from dac_fast.modeling import conv_forward
+
+    torch.manual_seed(0)
+    conv = (torch.nn.ConvTranspose1d(6, 4, kernel_size=8, stride=4, padding=2) if transposed
+            else torch.nn.Conv1d(6, 4, kernel_size=7, dilation=3, padding=9))
+    torch.nn.utils.parametrizations.weight_norm(conv)
+    with torch.no_grad():
+        conv.parametrizations.weight.original0.mul_(torch.rand_like(conv.parametrizations.weight.original0) + 0.5)
+    x = torch.randn(2, 6, 33, dtype=torch.float64, requires_grad=True)
+    conv = conv.double()
+    ref = conv(x)
+    out = conv_forward(conv, x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g_ref = torch.autograd.grad(ref.square().sum(), [x, *conv.parameters()])
+    g_out = torch.autograd.grad(out.square().sum(), [x, *conv.parameters()])
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_time_tiles_give_identical_codes():
     _, ours = model_pair("16khz", seed=7)
     hop = ours.config.hop_length
