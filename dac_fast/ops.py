@@ -124,8 +124,8 @@ def cpu_buffer_cache(tensor: torch.Tensor):
     """Recycle freed CPU buffers by size inside the block (inference tiles allocate the same sizes tile
     after tile). With glibc's default malloc settings each large temporary is otherwise a fresh mmap whose
     page faults cost as much as the arithmetic; this removes that toll without changing process-wide
-    malloc settings. The cache holds at most the block's peak bytes in use (at least
-    DAC_FAST_CPU_CACHE_MB, default 64; 0 turns it off) and is freed when the outermost block ends.
+    malloc settings. In use + cached bytes stay under the block's peak in use (the cache at least
+    DAC_FAST_CPU_CACHE_MB, default 64; 0 turns it off); the cache is freed when the outermost block ends.
     A no-op off CPU or without the extension."""
     on = (
         tensor.device.type == "cpu"

@@ -28,9 +28,10 @@ namespace {
 
 constexpr size_t kRound = 4096;  // sizes rounded to pages so near-equal requests share blocks
 
-// Bytes kept in freed blocks: at most the scope's peak of bytes in use (one tile's working set, so the
-// process never holds more than twice what the computation needs), and at least DAC_FAST_CPU_CACHE_MB
-// (default 64).
+// Bounds: a freed block is kept only while the cache stays under the scope's peak of bytes in use (one
+// tile's working set; at least DAC_FAST_CPU_CACHE_MB, default 64), and a miss first frees cached blocks
+// so that bytes in use + cached never pass that peak: the cache reuses memory the computation needed
+// anyway instead of adding to it.
 size_t capacity_from_env() {
   const char* v = std::getenv("DAC_FAST_CPU_CACHE_MB");
   const long mb = v != nullptr ? std::strtol(v, nullptr, 10) : 64;
