@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import sys
+from pathlib import Path
 import time
 
 
@@ -57,6 +58,7 @@ ALLOCATOR = _tune_allocator() if ARGS.tuned_allocator else "glibc default malloc
 
 import torch  # noqa: E402  (after the allocator tuning)
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when not pip-installed
 from dac_fast import ops  # noqa: E402
 
 if ARGS.threads:
