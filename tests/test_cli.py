@@ -89,10 +89,15 @@ def _start(src, out):
     return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
 
 
+def _final_outputs(out):
+    """Finished .dac files (pathlib's glob also matches the hidden temporaries of writes in flight)."""
+    return sorted(p for p in out.glob("*.dac") if not p.name.startswith(aio.TMP_PREFIX))
+
+
 def _wait_for_outputs(proc, out, n, timeout=90):
     t0 = time.time()
     while time.time() - t0 < timeout:
-        if out.exists() and len(list(out.glob("*.dac"))) >= n:
+        if out.exists() and len(_final_outputs(out)) >= n:
             return True
         if proc.poll() is not None:
             return False
@@ -101,7 +106,7 @@ def _wait_for_outputs(proc, out, n, timeout=90):
 
 
 def _check_complete(out, n_inputs):
-    finals = sorted(out.glob("*.dac"))
+    finals = _final_outputs(out)
     for p in finals:
         f = DacFile.load(p)  # every output present is complete and valid
         assert f.codes.shape[1] == 12
