@@ -340,6 +340,15 @@ Tensor rvq_decode(const Tensor& codes_, const Tensor& codebook, const Tensor& ou
   return at::matmul(Wcat, Q).add_(out_b.narrow(0, 0, n).sum(0).view({1, D, 1}));
 }
 
+void register_front_ends(torch::Library& m) {
+  m.impl("snake", &snake);
+  m.impl("snake_backward", &snake_backward);
+  m.impl("add_snake", &add_snake);
+  m.impl("scale_bias_snake", &scale_bias_snake);
+  m.impl("rvq_encode", &rvq_encode);
+  m.impl("rvq_decode", &rvq_decode);
+}
+
 }  // namespace dac_fast
 
 TORCH_LIBRARY(dac_fast, m) {

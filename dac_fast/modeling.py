@@ -131,7 +131,7 @@ class DacResidualUnit(nn.Module):
 
 def _needs_graph(module: nn.Module, inputs: torch.Tensor) -> bool:
     """Autograd must record the call: grad mode is on and the input or a parameter of ``module`` requires grad."""
-    return torch.is_grad_enabled() and (inputs.requires_grad or any(p.requires_grad for p in module.parameters()))
+    return ops.needs_grad(inputs, *module.parameters())
 
 
 def _inference(hidden_state: torch.Tensor, module: nn.Module) -> bool:

@@ -228,7 +228,7 @@ def rvq_encode(z, in_proj_weight, in_proj_bias, codebook, out_proj_weight, out_p
     """
     if mode not in ("exact", "fast"):
         raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
-    if _use(z, _rvq_supported(z, codebook)) and not _needs_grad(z, in_proj_weight, in_proj_bias, codebook, out_proj_weight, out_proj_bias):
+    if _use(z, _rvq_supported(z, codebook)) and not needs_grad(z, in_proj_weight, in_proj_bias, codebook, out_proj_weight, out_proj_bias):
         codes, quantized, latents = torch.ops.dac_fast.rvq_encode(
             z, in_proj_weight, in_proj_bias, codebook, out_proj_weight, out_proj_bias, int(n_quantizers), mode == "exact"
         )
@@ -247,7 +247,7 @@ def rvq_decode_reference(codes, codebook, out_proj_weight, out_proj_bias) -> tor
 
 def rvq_decode(codes, codebook, out_proj_weight, out_proj_bias) -> torch.Tensor:
     """Decode-from-codes in one call; see ``rvq_decode_reference`` for shapes."""
-    if _use(codes, _rvq_supported(codebook, codebook)) and not _needs_grad(codebook, out_proj_weight, out_proj_bias):
+    if _use(codes, _rvq_supported(codebook, codebook)) and not needs_grad(codebook, out_proj_weight, out_proj_bias):
         return torch.ops.dac_fast.rvq_decode(codes, codebook, out_proj_weight, out_proj_bias)
     return rvq_decode_reference(codes, codebook, out_proj_weight, out_proj_bias)
 
@@ -257,8 +257,9 @@ def _rvq_supported(x: torch.Tensor, codebook: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and codebook.dim() == 3 and tuple(codebook.shape[1:]) == (1024, 8)
 
 
-def _needs_grad(*tensors) -> bool:
-    # the quantizer kernels are inference-only: under autograd the reference keeps gradients exact
+def needs_grad(*tensors) -> bool:
+    """Autograd must record: grad mode is on and one of ``tensors`` requires grad. The quantizer kernels
+    are inference-only; under autograd the reference keeps gradients exact."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 

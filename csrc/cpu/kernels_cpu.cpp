@@ -415,11 +415,4 @@ void rvq_gather_cpu(const at::Tensor& codes_, const at::Tensor& cb_, const at::T
 
 }  // namespace dac_fast
 
-TORCH_LIBRARY_IMPL(dac_fast, CPU, m) {
-  m.impl("snake", &dac_fast::snake);
-  m.impl("snake_backward", &dac_fast::snake_backward);
-  m.impl("add_snake", &dac_fast::add_snake);
-  m.impl("scale_bias_snake", &dac_fast::scale_bias_snake);
-  m.impl("rvq_encode", &dac_fast::rvq_encode);
-  m.impl("rvq_decode", &dac_fast::rvq_decode);
-}
+TORCH_LIBRARY_IMPL(dac_fast, CPU, m) { dac_fast::register_front_ends(m); }

@@ -2,6 +2,8 @@
 // (csrc/cpu/kernels_cpu.cpp) and the CUDA kernels (csrc/cuda/kernels.cu).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
 #include <tuple>
 
 namespace dac_fast {
@@ -17,6 +19,10 @@ std::tuple<Tensor, Tensor, Tensor> rvq_encode(const Tensor& z, const Tensor& in_
                                               const Tensor& codebook, const Tensor& out_w, const Tensor& out_b,
                                               int64_t n_quantizers, bool exact);
 Tensor rvq_decode(const Tensor& codes, const Tensor& codebook, const Tensor& out_w, const Tensor& out_b);
+
+// The front ends above as one device key's implementations (they dispatch to that device's kernels);
+// called from the TORCH_LIBRARY_IMPL block of each device's translation unit.
+void register_front_ends(torch::Library& m);
 
 bool poison_enabled();
 
