@@ -55,7 +55,15 @@ def fold_weight_norm(state_dict: Mapping[str, torch.Tensor], device=None) -> dic
 
 # ----------------------------------------------------------------------------- original checkpoints
 def original_to_transformers_key(key: str, n_blocks: int) -> str:
-    """Map one original descript-audio-codec parameter name to transformers' name (FACTS.md key map)."""
+    """Map one original descript-audio-codec parameter name to transformers' name.
+
+    The map: ``encoder.block.0`` -> ``encoder.conv1``; ``encoder.block.{i}.block.{j}.block.{0..3}`` ->
+    ``encoder.block.{i-1}.res_unit{j+1}.{snake1, conv1, snake2, conv2}``; ``encoder.block.{i}.block.{3, 4}`` ->
+    ``encoder.block.{i-1}.{snake1, conv1}``; ``encoder.block.{n+1, n+2}`` -> ``encoder.{snake1, conv2}``;
+    ``decoder.model.0`` -> ``decoder.conv1``; ``decoder.model.{i}.block.{0, 1}`` -> ``decoder.block.{i-1}.{snake1,
+    conv_t1}``; ``decoder.model.{i}.block.{2, 3, 4}.block.{0..3}`` -> ``decoder.block.{i-1}.res_unit{1, 2, 3}.{...}``;
+    ``decoder.model.{n+1, n+2}`` -> ``decoder.{snake1, conv2}`` (n+3 is the tanh); ``quantizer.*`` unchanged.
+    """
     sub = "snake1", "conv1", "snake2", "conv2"
     rules = [
         (r"^encoder\.block\.0\.", lambda m: "encoder.conv1."),
@@ -128,6 +136,7 @@ def load_original(cls, path, *, device=None, dtype=None, backend=None, weights_o
     kwargs = (checkpoint.get("metadata") or {}).get("kwargs") or {}
     config = config_from_original_kwargs(kwargs)
     n_blocks = len(config.downsampling_ratios)
+    dtype = resolve_dtype(dtype, checkpoint_dtype=lambda: state_dict_dtype(checkpoint["state_dict"]))
     folded = fold_weight_norm(checkpoint["state_dict"], device=device)
     state_dict = {original_to_transformers_key(k, n_blocks): v for k, v in folded.items()}
     return build_model(cls, config, state_dict, device=device, dtype=dtype, backend=backend, source=path)
@@ -151,7 +160,8 @@ def _resolve_directory(path_or_id, **hub_kwargs) -> str:
             "(pip install 'dac-fast[hub]', or download the model and pass its directory)"
         ) from exc
     errors = []
-    for local_only in (True, False):  # the local cache first, then the network
+    # the local cache first, then (unless local_files_only) the network
+    for local_only in (True,) if hub_kwargs.pop("local_files_only", False) else (True, False):
         try:
             return snapshot_download(path, allow_patterns=_HUB_FILES, local_files_only=local_only, **hub_kwargs)
         except Exception as exc:
@@ -171,10 +181,86 @@ def load_state_dict_file(directory: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no {SAFETENSORS_NAME} or {TORCH_WEIGHTS_NAME} in {directory!r}")
 
 
-def load_pretrained(cls, path_or_id, *, device=None, dtype=None, backend=None, **hub_kwargs):
+# Keyword arguments passed on to huggingface_hub.snapshot_download for hub ids (ignored for directories).
+HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download", "proxies")
+
+
+def check_hub_kwargs(hub_kwargs: Mapping, caller: str = "from_pretrained") -> None:
+    """A TypeError naming every keyword argument that is neither ours nor huggingface_hub's (transformers'
+    spellings we do not support would otherwise be ignored silently)."""
+    unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"{caller}() got unexpected keyword arguments {unknown}; it accepts device, dtype (or torch_dtype), "
+            f"device_map, backend and the hub arguments {list(HUB_KWARGS)}"
+        )
+
+
+def resolve_dtype(dtype, torch_dtype=None, *, checkpoint_dtype=None):
+    """The dtype to load in, from transformers' spellings: a torch.dtype, its name ("bfloat16"), or "auto" (the
+    checkpoint's: ``dtype`` in config.json, else its first floating-point tensor's). None keeps float32.
+    ``torch_dtype`` is transformers' older name for ``dtype``."""
+    if torch_dtype is not None:
+        if dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: pass only dtype")
+        dtype = torch_dtype
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if dtype == "auto":
+        return checkpoint_dtype() if callable(checkpoint_dtype) else checkpoint_dtype
+    named = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else None
+    if isinstance(named, torch.dtype) and named.is_floating_point:
+        return named
+    raise ValueError(
+        f"dtype must be a floating-point torch.dtype, its name (e.g. 'float16', 'bfloat16') or 'auto', got {dtype!r}"
+    )
+
+
+def resolve_device(device=None, device_map=None):
+    """The one device to load on, from ``device`` or transformers' ``device_map``: a device (string, torch.device
+    or CUDA index), "auto" (the first GPU if there is one, else the CPU) or {"": device}. The model is small and
+    is never split across devices."""
+    if device_map is None:
+        return device
+    if isinstance(device_map, Mapping):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(f"device_map {device_map!r} splits the model; dac_fast places the whole model on one "
+                             "device: pass device_map={'': device} or a device")
+        device_map = devices.pop()
+    if device_map == "auto":
+        device_map = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        mapped = torch.device(device_map)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device_map must be a device, 'auto' or {{'': device}}, got {device_map!r}") from exc
+    if device is not None and torch.device(device) != mapped:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} disagree: pass only one")
+    return mapped
+
+
+def config_dtype(directory: str):
+    """The ``dtype`` (or older ``torch_dtype``) that transformers records in config.json, or None."""
+    with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+        data = json.load(f)
+    name = data.get("dtype") or data.get("torch_dtype")
+    return resolve_dtype(name) if isinstance(name, str) else None
+
+
+def state_dict_dtype(state_dict: Mapping[str, torch.Tensor]):
+    """The first floating-point tensor's dtype (transformers' rule for dtype="auto")."""
+    return next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
+
+
+def load_pretrained(cls, path_or_id, *, device=None, dtype=None, torch_dtype=None, device_map=None, backend=None,
+                    **hub_kwargs):
+    check_hub_kwargs(hub_kwargs)
+    device = resolve_device(device, device_map)
     directory = _resolve_directory(path_or_id, **hub_kwargs)
     config = DacConfig.from_pretrained(directory)
-    state_dict = fold_weight_norm(load_state_dict_file(directory), device=device)
+    stored = load_state_dict_file(directory)
+    dtype = resolve_dtype(dtype, torch_dtype, checkpoint_dtype=lambda: config_dtype(directory) or state_dict_dtype(stored))
+    state_dict = fold_weight_norm(stored, device=device)
     return build_model(cls, config, state_dict, device=device, dtype=dtype, backend=backend, source=directory)
 
 
@@ -188,14 +274,19 @@ def convert_transformers(cls, hf_model, *, backend=None):
 
 
 def build_model(cls, config: DacConfig, state_dict, *, device=None, dtype=None, backend=None, source=""):
-    """Instantiate without random init, check the state dict names and shapes, load it, cast, eval()."""
-    with torch.device("meta"):
-        model = cls(config, backend=backend)
-    check_state_dict(model, state_dict, source)
-    model = model.to_empty(device=device or "cpu")
-    model.load_state_dict(state_dict, strict=True)
-    if dtype is not None:
-        model = model.to(dtype=dtype)
+    """Instantiate without random init, check the state dict names and shapes, load it, cast, eval().
+
+    The parameters are ordinary tensors even when loading inside ``torch.inference_mode()`` (a common serving
+    pattern): inference tensors could not be trained later, and they track no version counter, so weight
+    caches keyed by it (the polyphase upsampling's) would have to be rebuilt at every call."""
+    with torch.inference_mode(False):
+        with torch.device("meta"):
+            model = cls(config, backend=backend)
+        check_state_dict(model, state_dict, source)
+        model = model.to_empty(device=device or "cpu")
+        model.load_state_dict(state_dict, strict=True)
+        if dtype is not None:
+            model = model.to(dtype=dtype)
     return model.eval()
 
 
@@ -232,9 +323,7 @@ def save_pretrained(model, directory) -> None:
     save_file(state_dict, os.path.join(directory, SAFETENSORS_NAME), metadata={"format": "pt"})
     from .feature_extraction import DacFeatureExtractor
 
-    preprocessor = DacFeatureExtractor.from_config(model.config).to_dict()
-    with open(os.path.join(directory, PREPROCESSOR_NAME), "w", encoding="utf-8") as f:
-        json.dump(preprocessor, f, indent=2)
+    DacFeatureExtractor.from_config(model.config).save_pretrained(directory)
 
 
 # ----------------------------------------------------------------------------- random weights

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .configuration import DacConfig
+from .feature_extraction import pcm_to_float
 from .outputs import DacDecoderOutput, DacEncoderOutput, DacOutput
 
 
@@ -161,16 +162,20 @@ def conv_transpose_polyphase(conv: nn.ConvTranspose1d, hidden_state: torch.Tenso
 
     torch's CPU ConvTranspose1d takes a slow im2col path plus copies; the regular convolution runs on
     oneDNN. Output phase r of input frame q is sample s*q + r - padding: y = sum_c W[c, :, r] x[c, q] +
-    W[c, :, s + r] x[c, q - 1]. The phase weights are built once per weight version.
+    W[c, :, s + r] x[c, q - 1]. The phase weights are built once per weight version; weights made under
+    torch.inference_mode track no version (their in-place updates cannot be seen), so theirs are rebuilt at
+    every call (dac_fast's loaders make ordinary tensors even there), as are they under torch.compile/export.
     """
     s, p = conv.stride[0], conv.padding[0]
     c_in, c_out, k = conv.weight.shape
-    key = (conv.weight._version, conv.weight.data_ptr(), conv.weight.dtype, conv.weight.device)
+    tracked = not (torch.compiler.is_compiling() or conv.weight.is_inference() or conv.bias.is_inference())
+    key = (conv.weight._version, conv.bias._version, conv.weight.data_ptr(), conv.bias.data_ptr(),
+           conv.weight.dtype, conv.weight.device) if tracked else None
     cached = getattr(conv, "_polyphase", None)
-    if cached is None or cached[0] != key:
+    if key is None or cached is None or cached[0] != key:
         weight = conv.weight.detach().view(c_in, c_out, 2, s).flip(2).permute(3, 1, 0, 2)
         cached = (key, weight.reshape(s * c_out, c_in, 2).contiguous(), conv.bias.detach().repeat(s))
-        conv._polyphase = cached
+        conv._polyphase = cached if tracked else None
     phases = F.conv1d(hidden_state, cached[1], cached[2], padding=1)  # (B, s * C_out, L + 1)
     batch, _, frames = phases.shape
     length = (hidden_state.shape[-1] - 1) * s - 2 * p + k
@@ -478,19 +483,20 @@ def run_tiled(fn, inputs: torch.Tensor, n_frames: int, in_per_frame: int, out_pe
 
 
 # ----------------------------------------------------------------------------- input checks
-def _check_audio(input_values: torch.Tensor) -> None:
+def _check_audio(input_values: torch.Tensor) -> torch.Tensor:
+    """The audio, checked; integer PCM scaled to [-1, 1) as the feature extractor does."""
     if not isinstance(input_values, torch.Tensor):
         raise TypeError(f"input_values must be a torch.Tensor of shape (batch, 1, samples), got {type(input_values).__name__}")
     if input_values.dim() != 3 or input_values.shape[1] != 1:
         raise ValueError(
             f"input_values must have shape (batch, 1, samples) (mono audio), got {tuple(input_values.shape)}"
         )
-    if not input_values.is_floating_point():
-        raise TypeError(f"input_values must be floating point audio in [-1, 1], got dtype {input_values.dtype}")
+    input_values = pcm_to_float(input_values, "input_values")
     if input_values.shape[0] == 0 or input_values.shape[-1] == 0:
         raise ValueError(f"input_values is empty: shape {tuple(input_values.shape)}")
-    if not torch.isfinite(input_values).all():
+    if not torch.compiler.is_compiling() and not torch.isfinite(input_values).all():  # data-dependent: eager only
         raise ValueError("input_values contains NaN or Inf samples")
+    return input_values
 
 
 class DacModel(nn.Module):
@@ -525,6 +531,12 @@ class DacModel(nn.Module):
                 nn.init.constant_(module.bias, 0)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of parameters, as transformers' ``num_parameters`` counts them (embeddings: the codebooks)."""
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in embeddings and (p.requires_grad or not only_trainable))
 
     @property
     def device(self) -> torch.device:
@@ -589,10 +601,11 @@ class DacModel(nn.Module):
         Returns ``DacEncoderOutput(loss (B,), quantized_representation (B, D, F), audio_codes (B, n, F),
         projected_latents (B, n * d, F))`` or that tuple. In inference (no autograd), inputs of more than
         ``tile_frames`` frames (default ``self.encode_tile_frames``) run in time tiles with enough context
-        that the codes equal the untiled ones; 0 < tile_frames; pass a large value to disable.
+        that the codes equal the untiled ones; 0 < tile_frames; pass a large value to disable. Integer PCM is
+        scaled to [-1, 1); audio shorter than the encoder's strided convolutions need is zero-padded to one
+        hop (one frame of codes), where transformers raises a convolution error.
         """
-        _check_audio(input_values)
-        input_values = input_values.to(self.dtype)  # float64 numpy audio, or fp32 audio into a bf16 model
+        input_values = _check_audio(input_values).to(self.dtype)  # float64 numpy audio, or fp32 audio into a bf16 model
         n_quantizers = self._check_n_quantizers(n_quantizers)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         with self._backend_scope():
@@ -608,7 +621,11 @@ class DacModel(nn.Module):
         length = input_values.shape[-1]
         tile = self._tile_frames(tile_frames, self.encode_tile_frames, input_values, self.encoder)
         n_frames = encoded_frames(self.config, length)
-        if tile is None or n_frames < 1:
+        if n_frames < 1:
+            # Too short for the strided convolutions: zero-pad to one hop, as the CLI pads every file to whole hops.
+            input_values = F.pad(input_values, (0, hop - length))
+            n_frames = encoded_frames(self.config, hop)
+        if tile is None:
             return self.encoder(input_values)
         with ops.cpu_buffer_cache(input_values):
             return run_tiled(self.encoder, input_values, n_frames, hop, 1, n_frames, tile,
@@ -669,12 +686,19 @@ class DacModel(nn.Module):
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def from_pretrained(cls, path_or_id, *, device=None, dtype=None, backend=None, **hub_kwargs) -> "DacModel":
+    def from_pretrained(cls, path_or_id, *, device=None, dtype=None, torch_dtype=None, device_map=None, backend=None,
+                        **hub_kwargs) -> "DacModel":
         """Load a transformers-format checkpoint: a local directory (config.json + model.safetensors or
-        pytorch_model.bin) or a hub id (local Hugging Face cache, or huggingface_hub when reachable)."""
+        pytorch_model.bin) or a hub id (local Hugging Face cache, or huggingface_hub when reachable).
+
+        dtype (or transformers' older ``torch_dtype``): a torch.dtype, its name, or "auto" (the checkpoint's);
+        device or transformers' ``device_map`` ("auto", a device, or {"": device}: the model is never split);
+        hub_kwargs: revision, cache_dir, local_files_only, token, force_download, proxies. Other keyword
+        arguments raise a TypeError."""
         from .loading import load_pretrained
 
-        return load_pretrained(cls, path_or_id, device=device, dtype=dtype, backend=backend, **hub_kwargs)
+        return load_pretrained(cls, path_or_id, device=device, dtype=dtype, torch_dtype=torch_dtype,
+                               device_map=device_map, backend=backend, **hub_kwargs)
 
     @classmethod
     def from_original(cls, path, *, device=None, dtype=None, backend=None) -> "DacModel":

@@ -136,11 +136,23 @@ def cpu_buffer_cache(tensor: torch.Tensor):
     if not on:
         yield
         return
-    _C.buffer_cache_enter()
+    _buffer_cache_enter()
     try:
         yield
     finally:
-        _C.buffer_cache_exit()
+        _buffer_cache_exit()
+
+
+# Swapping torch's CPU allocator is a side effect outside any graph: under torch.compile the two calls run
+# eagerly with a graph break on each side, marked here so that Dynamo does not warn about an unknown builtin.
+@torch.compiler.disable(reason="dac_fast's CPU buffer cache swaps torch's allocator: runs eagerly")
+def _buffer_cache_enter() -> None:
+    _C.buffer_cache_enter()
+
+
+@torch.compiler.disable(reason="dac_fast's CPU buffer cache swaps torch's allocator: runs eagerly")
+def _buffer_cache_exit() -> None:
+    _C.buffer_cache_exit()
 
 
 # ----------------------------------------------------------------------------- pure torch
