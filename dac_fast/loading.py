@@ -201,7 +201,8 @@ def resolve_dtype(dtype, torch_dtype=None, *, checkpoint_dtype=None):
     checkpoint's: ``dtype`` in config.json, else its first floating-point tensor's). None keeps float32.
     ``torch_dtype`` is transformers' older name for ``dtype``."""
     if torch_dtype is not None:
-        if dtype is not None and dtype != torch_dtype:
+        if dtype is not None and resolve_dtype(dtype, checkpoint_dtype=checkpoint_dtype) != resolve_dtype(
+                torch_dtype, checkpoint_dtype=checkpoint_dtype):
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: pass only dtype")
         dtype = torch_dtype
     if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:

@@ -1,13 +1,14 @@
 """Checkpoint formats: original .pth (three weight-norm styles), transformers directories both ways, errors."""
 
+import copy
 import os
 
 import pytest
 import torch
 
 from dac_fast import DacConfig, DacModel, ops
-from dac_fast.loading import fold_weight_norm
-from tests.reference import import_original_dac, model_pair, randomize_original_, synth_audio
+from dac_fast.loading import fold_weight_norm, randomize_
+from tests.reference import hf_config, import_original_dac, model_pair, randomize_original_, synth_audio
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,8 +52,8 @@ def test_original_checkpoint_matches_original_package(original_checkpoints, name
     with torch.inference_mode():
         z_ref, codes_ref, latents_ref, _, _ = original.encode(x)
         out = ours.encode(x)
-        # The original's distance formula differs from transformers' in rounding (FACTS.md): near-ties may pick
-        # other codes, so agreement is measured; with these weights it is total.
+        # The original computes the codebook distances with another formula than transformers (other rounding):
+        # near-ties may pick other codes, so agreement is measured; with these weights it is total.
         agreement = (out.audio_codes == codes_ref).float().mean().item()
         assert agreement >= 0.99, agreement
         assert rel_err(ours.encoder(x), original.encoder(x)) < 1e-5
@@ -190,3 +191,142 @@ def test_unreachable_hub_id_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="could not find 'descript/dac_16khz' in the Hugging Face cache"):
         DacModel.from_pretrained("descript/dac_16khz")
+
+
+# ----------------------------------------------------------------------------- inference mode, dtype, device
+# A small model of the real structure (strides 2, 4, 5: even and odd polyphase upsampling) keeps these fast.
+SMALL = DacConfig(encoder_hidden_size=8, downsampling_ratios=[2, 4, 5], decoder_hidden_size=64, n_codebooks=4)
+
+
+@pytest.fixture(scope="module")
+def saved_small(tmp_path_factory):
+    """A small model with seeded weights, its directory, and codes to decode (6 frames)."""
+    model = randomize_(DacModel(SMALL), seed=11).eval()
+    directory = tmp_path_factory.mktemp("pretrained")
+    model.save_pretrained(directory)
+    codes = torch.randint(0, 1024, (2, 4, 6), generator=torch.Generator().manual_seed(0))
+    return model, directory, codes
+
+
+def _made_under(path, model, directory):
+    """The model ``model`` made again by ``path``; the caller chooses the grad mode."""
+    if path == "init":
+        fresh = DacModel(model.config).eval()
+        fresh.load_state_dict(model.state_dict())
+        return fresh
+    if path == "randomize":  # what from_preset does, with the small config
+        return randomize_(DacModel(model.config), seed=11).eval()
+    if path == "from_pretrained":
+        return DacModel.from_pretrained(directory)
+    if path == "half":
+        return DacModel.from_pretrained(directory).half()
+    if path == "to":
+        return DacModel(model.config).eval().to(torch.float64).to(torch.float32).requires_grad_(False)
+    raise AssertionError(path)
+
+
+@pytest.mark.parametrize("path, mode", [(path, "inference_mode") for path in ("init", "randomize", "from_pretrained", "half", "to")]
+                         + [("init", "no_grad"), ("half", "no_grad")])
+def test_models_made_without_grad_decode_and_forward(saved_small, path, mode):
+    """Loading under inference_mode (a serving pattern) once broke decode: inference tensors track no version
+    counter, which the polyphase weight cache read. Every way of making a model must decode and run forward."""
+    model, directory, codes = saved_small
+    reference = copy.deepcopy(model).half() if path == "half" else model
+    audio = torch.from_numpy(synth_audio(40 * 9 + 7, 16000, seed=4))[None, None]
+    with torch.inference_mode():
+        expected = reference.decode(audio_codes=codes).audio_values
+        expected_forward = reference(audio.to(reference.dtype)).audio_values
+    scope = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    with scope:
+        made = _made_under(path, model, directory)
+        if path == "to":
+            made.load_state_dict(model.state_dict())
+        for _ in range(2):  # the second call uses the phase weights cached by the first, where there is a cache
+            assert torch.equal(made.decode(audio_codes=codes).audio_values, expected)
+        assert torch.equal(made(audio.to(made.dtype)).audio_values, expected_forward)
+
+
+def test_polyphase_cache_sees_in_place_updates(saved_small):
+    """Weights made under inference_mode track no version: updating them in place there (load_state_dict) must
+    still change the output, and so must an in-place update of an ordinary bias."""
+    model, _, codes = saved_small
+    with torch.inference_mode():
+        expected = model.decode(audio_codes=codes).audio_values
+        fresh = DacModel(model.config).eval()
+        before = fresh.decode(audio_codes=codes).audio_values
+        fresh.load_state_dict(model.state_dict())
+        assert not torch.equal(before, expected)
+        assert torch.equal(fresh.decode(audio_codes=codes).audio_values, expected)
+    from dac_fast.modeling import conv_transpose_polyphase
+
+    conv = torch.nn.ConvTranspose1d(6, 4, 8, stride=4, padding=2)
+    x = torch.randn(2, 6, 9)
+    with torch.no_grad():
+        conv_transpose_polyphase(conv, x)
+        conv.bias.add_(1.0)
+        assert torch.allclose(conv_transpose_polyphase(conv, x), conv(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(torch_dtype=torch.float16), torch.float16),
+    (dict(dtype="bfloat16"), torch.bfloat16),
+    (dict(dtype="torch.float16", torch_dtype=torch.float16), torch.float16),
+    (dict(dtype="auto", torch_dtype=torch.float32), torch.float32),
+    (dict(dtype=None), torch.float32),
+])
+def test_from_pretrained_dtype_spellings(saved_small, kwargs, expected):
+    _, directory, _ = saved_small
+    model = DacModel.from_pretrained(directory, **kwargs)
+    assert model.dtype == expected and not model.training
+
+
+def test_from_pretrained_dtype_auto(saved_small, tmp_path):
+    """"auto": the dtype config.json records (transformers writes it), else the weights' dtype."""
+    import json
+
+    model, directory, _ = saved_small
+    assert DacModel.from_pretrained(directory, dtype="auto").dtype == torch.float32
+    copy.deepcopy(model).half().save_pretrained(tmp_path)
+    assert DacModel.from_pretrained(tmp_path, dtype="auto").dtype == torch.float16
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert DacModel.from_pretrained(tmp_path, dtype="auto").dtype == torch.bfloat16
+    assert DacModel.from_pretrained(tmp_path).dtype == torch.float32  # transformers' default: fp32
+
+
+def test_from_pretrained_device_map(saved_small):
+    _, directory, _ = saved_small
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    for device_map, expected in (("cpu", "cpu"), ({"": "cpu"}, "cpu"), (torch.device("cpu"), "cpu"), ("auto", auto)):
+        assert DacModel.from_pretrained(directory, device_map=device_map).device.type == expected
+    with pytest.raises(ValueError, match="splits the model"):
+        DacModel.from_pretrained(directory, device_map={"encoder": "cpu", "decoder": "meta"})
+    with pytest.raises(ValueError, match="device_map must be a device"):
+        DacModel.from_pretrained(directory, device_map="balanced")
+    with pytest.raises(ValueError, match="disagree"):
+        DacModel.from_pretrained(directory, device="cpu", device_map="meta")
+
+
+def test_from_pretrained_rejects_what_it_does_not_understand(saved_small, original_checkpoints):
+    _, directory, _ = saved_small
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['low_cpu_mem', 'n_codebooks'\]"):
+        DacModel.from_pretrained(directory, low_cpu_mem=True, n_codebooks=4)
+    for bad in ("float17", "int8", torch.int8, "auto-ish"):
+        with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+            DacModel.from_pretrained(directory, dtype=bad)
+    with pytest.raises(ValueError, match="disagree"):
+        DacModel.from_pretrained(directory, dtype="float16", torch_dtype=torch.bfloat16)
+    # genuine hub arguments are accepted (and unused for a local directory)
+    DacModel.from_pretrained(directory, revision="main", local_files_only=True, cache_dir=None, token=None)
+    _, path = original_checkpoints["16khz"]
+    assert DacModel.from_original(path, dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_num_parameters_matches_transformers():
+    hf = transformers.DacModel(hf_config(SMALL))
+    ours = DacModel.from_transformers(hf)
+    for flags in ({}, {"exclude_embeddings": True}, {"only_trainable": True}):
+        assert ours.num_parameters(**flags) == hf.num_parameters(**flags), flags
+    ours.quantizer.requires_grad_(False)
+    hf.quantizer.requires_grad_(False)
+    assert ours.num_parameters(only_trainable=True) == hf.num_parameters(only_trainable=True) < ours.num_parameters()
