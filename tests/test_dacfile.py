@@ -20,7 +20,7 @@ def _example(channels=2, n_cb=9, frames=13, seed=0):
 
 def _original_artifacts(codes, input_db=-19.5, original_length=12345, sample_rate=44100, chunk_length=None,
                         channels=None, padding=True):
-    """The dict the original DACFile.save pickles (documented in FACTS.md)."""
+    """The dict the original DACFile.save pickles: uint16 codes (channels, n_codebooks, frames) and metadata."""
     codes = np.asarray(codes)
     return {
         "codes": codes.astype(np.uint16),

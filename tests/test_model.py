@@ -287,7 +287,7 @@ def small_model():
     [
         (lambda: torch.zeros(320), ValueError, r"shape \(batch, 1, samples\)"),
         (lambda: torch.zeros(1, 2, 320), ValueError, r"mono audio"),
-        (lambda: torch.zeros(1, 1, 320, dtype=torch.int16), TypeError, r"floating point.*int16"),
+        (lambda: torch.zeros(1, 1, 320, dtype=torch.int64), TypeError, r"float audio.*or integer PCM.*int64"),
         (lambda: torch.zeros(1, 1, 0), ValueError, r"empty"),
         (lambda: torch.tensor([[[0.0, float("nan")] * 160]]), ValueError, r"NaN or Inf"),
         (lambda: torch.tensor([[[0.0, float("inf")] * 160]]), ValueError, r"NaN or Inf"),
