@@ -162,9 +162,9 @@ def conv_transpose_polyphase(conv: nn.ConvTranspose1d, hidden_state: torch.Tenso
 
     torch's CPU ConvTranspose1d takes a slow im2col path plus copies; the regular convolution runs on
     oneDNN. Output phase r of input frame q is sample s*q + r - padding: y = sum_c W[c, :, r] x[c, q] +
-    W[c, :, s + r] x[c, q - 1]. The phase weights are built once per weight version; weights made under
-    torch.inference_mode track no version (their in-place updates cannot be seen), so theirs are rebuilt at
-    every call (dac_fast's loaders make ordinary tensors even there), as are they under torch.compile/export.
+    W[c, :, s + r] x[c, q - 1]. The phase weights are built once per weight version. Weights made under
+    torch.inference_mode track no version (their in-place updates cannot be seen): theirs are rebuilt at every
+    call (dac_fast's loaders make ordinary tensors even there); under torch.compile/export the build joins the graph.
     """
     s, p = conv.stride[0], conv.padding[0]
     c_in, c_out, k = conv.weight.shape
