@@ -176,5 +176,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 def hop_length_for_rate(sampling_rate: int) -> int | None:
     """The hop length of the official models at ``sampling_rate`` (320 at 16 and 24 kHz, 512 at 44.1 kHz), or
     None for a rate no preset has."""
-    hops = {DacConfig.from_preset(name).hop_length for name, p in PRESETS.items() if p["sampling_rate"] == sampling_rate}
+    hops = {DacConfig.from_preset(name).hop_length for name, preset in PRESETS.items()
+            if preset["sampling_rate"] == sampling_rate}
     return hops.pop() if len(hops) == 1 else None

@@ -260,7 +260,8 @@ def load_pretrained(cls, path_or_id, *, device=None, dtype=None, torch_dtype=Non
     directory = _resolve_directory(path_or_id, **hub_kwargs)
     config = DacConfig.from_pretrained(directory)
     stored = load_state_dict_file(directory)
-    dtype = resolve_dtype(dtype, torch_dtype, checkpoint_dtype=lambda: config_dtype(directory) or state_dict_dtype(stored))
+    dtype = resolve_dtype(dtype, torch_dtype,
+                          checkpoint_dtype=lambda: config_dtype(directory) or state_dict_dtype(stored))
     state_dict = fold_weight_norm(stored, device=device)
     return build_model(cls, config, state_dict, device=device, dtype=dtype, backend=backend, source=directory)
 

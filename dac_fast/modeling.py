@@ -534,7 +534,7 @@ class DacModel(nn.Module):
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Number of parameters, as transformers' ``num_parameters`` counts them (embeddings: the codebooks)."""
-        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        embeddings = {id(m.weight) for m in self.modules() if exclude_embeddings and isinstance(m, nn.Embedding)}
         return sum(p.numel() for p in self.parameters()
                    if id(p) not in embeddings and (p.requires_grad or not only_trainable))
 

@@ -225,7 +225,8 @@ def _made_under(path, model, directory):
     raise AssertionError(path)
 
 
-@pytest.mark.parametrize("path, mode", [(path, "inference_mode") for path in ("init", "randomize", "from_pretrained", "half", "to")]
+@pytest.mark.parametrize("path, mode", [(path, "inference_mode") for path in ("init", "randomize", "from_pretrained",
+                                                                          "half", "to")]
                          + [("init", "no_grad"), ("half", "no_grad")])
 def test_models_made_without_grad_decode_and_forward(saved_small, path, mode):
     """Loading under inference_mode (a serving pattern) once broke decode: inference tensors track no version
