@@ -37,6 +37,7 @@ import glob
 import inspect
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -192,20 +193,40 @@ def load_model(spec: Any, device: str | None = None, dtype: Any = None, *, seed:
     return model
 
 
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
+_HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
+
+
+def check_model_spec(spec: Any) -> None:
+    """A :class:`UserError` (argument ``model``) for a spec that cannot name a model: a missing path,
+    a file that is no checkpoint, or a name that is neither a preset nor a hub id like
+    'descript/dac_16khz'. Checked before any work; the hub itself is asked only when loading."""
+    if _is_model(spec) or callable(spec):
+        return
+    s = str(spec)
+    p = Path(s).expanduser()
+    presets = f"presets with random weights: {', '.join(PRESET_NAMES)}"
+    if s in PRESET_NAMES or p.is_dir() or (p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES):
+        return
+    if p.is_file():
+        raise UserError(f"don't know how to load a model from file {p} (expected a model directory, a "
+                        f"{'/'.join(_CHECKPOINT_SUFFIXES)} checkpoint, a hub id or a preset)", "model")
+    if p.suffix in _CHECKPOINT_SUFFIXES or s.startswith((".", "/", "~")):
+        raise UserError(f"{p} does not exist (checkpoint or model directory expected; {presets})", "model")
+    if not _HUB_ID.fullmatch(s):
+        raise UserError(f"{s!r} is not a local model directory, a checkpoint file or a hub id like "
+                        f"'descript/dac_16khz' ({presets})", "model")
+
+
 def _load_from_spec(spec: str, seed: int, quiet: bool):
+    check_model_spec(spec)
     DacModel = _dac_model_class()
     p = Path(spec).expanduser()
-    presets = ", ".join(PRESET_NAMES)
     if spec in PRESET_NAMES:
         if not quiet:
             warnings.warn(f"model preset {spec!r} has RANDOM weights (seed {seed}) in the real shapes: codes and "
                           "audio are meaningless; load a checkpoint for real use", UserWarning, stacklevel=3)
         return DacModel.from_preset(spec, seed=seed)
-    if not p.is_dir() and p.suffix in (".pth", ".pt", ".ckpt") and not p.exists():
-        raise UserError(f"checkpoint {p} does not exist", "model")
-    if p.is_file() and p.suffix not in (".pth", ".pt", ".ckpt"):
-        raise UserError(f"don't know how to load a model from file {p} (expected a directory, a .pth "
-                        f"checkpoint, a hub id or a preset: {presets})", "model")
     try:
         if p.is_dir():
             return DacModel.from_pretrained(str(p))
@@ -213,8 +234,7 @@ def _load_from_spec(spec: str, seed: int, quiet: bool):
             return DacModel.from_original(str(p))
         return DacModel.from_pretrained(spec)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        hint = "" if p.exists() else f" (not a local directory or checkpoint; presets with random weights: {presets})"
-        raise UserError(f"cannot load model {spec!r}: {type(exc).__name__}: {exc}{hint}", "model") from None
+        raise UserError(f"cannot load model {spec!r}: {type(exc).__name__}: {exc}", "model") from None
 
 
 def check_device(device) -> Any:
@@ -815,6 +835,7 @@ def _start(model, output_dir, n_quantizers, batch_size, workers, device, dtype):
     check_n_quantizers(n_quantizers)
     check_device(device)
     parse_dtype(dtype)
+    check_model_spec(model)
     cfg = model_config(model) if not callable(model) or _is_model(model) else None
     if cfg is not None:
         check_n_quantizers(n_quantizers, _n_codebooks(cfg))
