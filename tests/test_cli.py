@@ -243,3 +243,35 @@ def test_parser_defaults():
     assert (a.batch_size, a.workers, a.format, a.bucket, a.overwrite, a.random_weights) == (8, 2, "dac", "exact", False, False)
     a = build_parser().parse_args(["decode", "x", "-o", "y", "--model", "m", "--format", "flac"])
     assert (a.format, a.subtype) == ("flac", "pcm16")
+
+
+def test_version_and_doctor(capsys):
+    from dac_fast import __version__
+    import dac_fast.ops as ops
+
+    with pytest.raises(SystemExit) as ei:
+        main(["--version"])
+    assert ei.value.code == 0 and capsys.readouterr().out.strip() == f"dac-fast {__version__}"
+    assert main(["doctor", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["torch"].startswith(torch.__version__) and d["dac_fast"].startswith(__version__)
+    cpu = d["kernels cpu"]
+    assert cpu.startswith("active") if "cpu" in ops._KERNEL_DEVICES else cpu.startswith("not active: ")
+    if not torch.cuda.is_available():
+        assert d["cuda device"].startswith("none")
+        assert d["kernels cuda"].startswith("not active") or "no CUDA device is visible" in d["kernels cuda"]
+    assert "DAC_FAST_JIT" in d["backend"] and ("M_MMAP_MAX" in d["allocator"] or "not tuned" in d["allocator"])
+    assert main(["doctor"]) == 0 and "kernels cpu" in capsys.readouterr().out
+
+
+def test_help_and_version_do_not_import_torch():
+    """--help/--version must be quick: the CLI imports torch only for commands that run a model."""
+    probe = "import sys, dac_fast; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=_env(), cwd=str(REPO))
+    if r.stdout.strip() == "True":
+        pytest.skip("importing the dac_fast package itself imports torch (its lazy __init__ lands separately)")
+    for argv in (["--help"], ["--version"], ["encode", "--help"], ["decode", "--help"]):
+        code = ("import sys\nfrom dac_fast.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+                "assert 'torch' not in sys.modules, 'torch imported'" % (argv,))
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=str(REPO))
+        assert r.returncode == 0, (argv, r.stderr[-2000:])
