@@ -14,7 +14,8 @@ variable ``DAC_FAST_BUILD`` selects what is built here, ahead of time:
 
 ``TORCH_CUDA_ARCH_LIST`` overrides the GPU architectures; when it is unset and no GPU is visible
 the default is ``8.0;9.0+PTX``. ``DAC_FAST_CPU_ARCH`` overrides the x86-64 vector flags
-(default ``-mavx2 -mfma -mf16c``; ``native`` or ``generic`` are also accepted). Compiler flags
+(default ``-mavx2 -mfma -mf16c``; ``native`` or ``generic`` are also accepted); ``DAC_FAST_OPT``
+the C++ optimization flag (default ``-O3``; tests/test_install.py uses ``-O0`` to build quickly). Compiler flags
 live in dac_fast/_build.py, shared with the just-in-time build.
 
 Ahead-of-time builds: ``pip install --no-build-isolation .``, ``pip install -e . --no-build-isolation``

@@ -75,8 +75,13 @@ def cxx_std(torch_version: str) -> str:
     return "c++20" if (major, minor) >= (2, 10) else "c++17"
 
 
+def opt_level() -> str:
+    """``DAC_FAST_OPT`` (default ``-O3``): the packaging test builds with ``-O0`` to finish quickly."""
+    return os.environ.get("DAC_FAST_OPT", "-O3").strip() or "-O3"
+
+
 def cxx_flags(torch_version: str) -> list[str]:
-    return ["-O3", f"-std={cxx_std(torch_version)}", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
+    return [opt_level(), f"-std={cxx_std(torch_version)}", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
             "-fno-trapping-math", "-DNDEBUG"] + cpu_arch_flags()
 
 

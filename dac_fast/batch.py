@@ -948,10 +948,13 @@ def encode_files(
             f.save_npy(it.out.with_name(it.out.name[: -len(".json")]))
         return {"shape": list(f.codes.shape)}
 
-    _run("encode", jobs, report, load_fn, model_fn, write_fn, batch_size=batch_size, workers=workers,
-         exact=(bucket == "exact"), progress=_want_progress(progress), log=log, size_fn=size_fn,
-         memory_budget=int(prefetch_memory))
-    return _finish(report, log, t0)
+    try:
+        _run("encode", jobs, report, load_fn, model_fn, write_fn, batch_size=batch_size, workers=workers,
+             exact=(bucket == "exact"), progress=_want_progress(progress), log=log, size_fn=size_fn,
+             memory_budget=int(prefetch_memory))
+    finally:
+        _finish(report, log, t0)
+    return report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1056,9 +1059,12 @@ def decode_files(
         aio.write_audio(it.out, y, f.sample_rate, subtype=sf_subtype)
         return {"channels": int(y.shape[0]), "frames": int(y.shape[1])}
 
-    _run("decode", jobs, report, load_fn, model_fn, write_fn, batch_size=batch_size, workers=workers,
-         exact=True, progress=_want_progress(progress), log=log)
-    return _finish(report, log, t0)
+    try:
+        _run("decode", jobs, report, load_fn, model_fn, write_fn, batch_size=batch_size, workers=workers,
+             exact=True, progress=_want_progress(progress), log=log)
+    finally:
+        _finish(report, log, t0)
+    return report
 
 
 def _want_progress(progress):
