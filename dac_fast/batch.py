@@ -154,8 +154,8 @@ def _load_from_spec(spec: str, seed: int, quiet: bool):
         if p.is_file():
             return DacModel.from_original(str(p))
         return DacModel.from_pretrained(spec)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"cannot load model {spec!r}: {type(exc).__name__}: {exc}", "model") from None
+    except Exception as exc:  # a corrupt or foreign checkpoint (torch.load, safetensors, config) is the user's to fix
+        raise UserError(f"cannot load model {spec!r}: {type(exc).__name__}: {str(exc)[:500]}", "model") from None
 
 
 def check_device(device) -> Any:

@@ -291,6 +291,13 @@ def test_load_model_dispatch(tmp_path, monkeypatch, capsys):
         B.load_model("44khz", dtype="int3", quiet=True)
 
 
+def test_unloadable_checkpoint_is_a_user_error(tmp_path):
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="cannot load model") as ei:
+        load_model(tmp_path / "broken.pth")
+    assert ei.value.argument == "model"
+
+
 def test_decode_original_chunked_dac(tmp_path, model):
     """A file laid out like the original's chunked compress (padding=False, chunk_length < frames,
     written with plain np.save of the documented dict) decodes to the stored length/rate/channels."""
