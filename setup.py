@@ -1,30 +1,38 @@
-"""Build and packaging for dac_fast.
+"""Build of the compiled extension ``dac_fast._C`` (the project's metadata is in pyproject.toml).
 
-The compiled extension ``dac_fast._C`` (fused Snake and residual-vector-quantizer operators) is
-optional: ``import dac_fast`` works without it (pure torch). The environment variable
-``DAC_FAST_BUILD`` selects what is built:
+The extension (fused Snake and residual-vector-quantizer operators) is optional: ``import
+dac_fast`` works without it (pure torch), and when it is missing dac_fast compiles it on first
+use into torch's extension cache (see dac_fast/ops.py, ``DAC_FAST_JIT``). The environment
+variable ``DAC_FAST_BUILD`` selects what is built here, ahead of time:
 
-* ``auto`` (default): CUDA + CPU kernels when nvcc and a CUDA-enabled torch are present, CPU only otherwise
+* ``auto`` (default): CUDA + CPU kernels when nvcc and a CUDA-enabled torch are present, CPU only
+  otherwise; nothing when torch cannot be imported (``pip install .`` builds in an isolated
+  environment without torch: the kernels are then compiled on first use)
 * ``cpu``: CPU kernels only
 * ``cuda``: CPU + CUDA kernels; fails when CUDA cannot be used
-* ``none``: no extension (pure-torch package)
+* ``none``: no extension
 
 ``TORCH_CUDA_ARCH_LIST`` overrides the GPU architectures; when it is unset and no GPU is visible
 the default is ``8.0;9.0+PTX``. ``DAC_FAST_CPU_ARCH`` overrides the x86-64 vector flags
-(default ``-mavx2 -mfma -mf16c``; ``native`` or ``generic`` are also accepted).
+(default ``-mavx2 -mfma -mf16c``; ``native`` or ``generic`` are also accepted); ``DAC_FAST_OPT``
+the C++ optimization flag (default ``-O3``; tests/test_install.py uses ``-O0`` to build quickly). Compiler flags
+live in dac_fast/_build.py, shared with the just-in-time build.
 
-Both ``pip install -e . --no-build-isolation`` and ``python setup.py build_ext --inplace`` work.
+Ahead-of-time builds: ``pip install --no-build-isolation .``, ``pip install -e . --no-build-isolation``
+or ``python setup.py build_ext --inplace``. Wheels also carry csrc/ inside the package, so the
+just-in-time build works from an installed wheel too.
 """
 
 from __future__ import annotations
 
-import glob
+import importlib.util
+import json
 import os
-import platform
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODE = os.environ.get("DAC_FAST_BUILD", "auto").strip().lower()
@@ -32,58 +40,36 @@ if MODE not in ("auto", "cpu", "cuda", "none"):
     raise SystemExit(f"DAC_FAST_BUILD must be auto, cpu, cuda or none, got {MODE!r}")
 
 
+def _load_build_config():
+    # by path: importing the dac_fast package here would need its dependencies at build time
+    spec = importlib.util.spec_from_file_location("_dac_fast_build", os.path.join(ROOT, "dac_fast", "_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+B = _load_build_config()
+
+
 def _log(msg: str) -> None:
     print(f"[dac_fast setup] {msg}", file=sys.stderr)
 
 
-def _find_cuda_home() -> str | None:
-    """The CUDA toolkit root. /usr/local/bin/nvcc may be a wrapper script, so prefer CUDA_HOME,
-    then /usr/local/cuda, then the directory above a real nvcc binary."""
-    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if cand and os.path.exists(os.path.join(cand, "bin", "nvcc")) and os.path.isdir(os.path.join(cand, "include")):
-            return cand
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = os.path.realpath(nvcc)
-        home = os.path.dirname(os.path.dirname(real))
-        if os.path.isdir(os.path.join(home, "include")):
-            return home
-    return None
+class BuildPyWithSources(build_py):
+    """Copy csrc/ into the built package (dac_fast/csrc) for the just-in-time build."""
 
-
-def _nvidia_pip_includes() -> list[str]:
-    """Include dirs of the pip ``nvidia-*`` packages (cusparse.h / cublas_v2.h live there when the
-    toolkit lacks them)."""
-    dirs = []
-    for p in sys.path:
-        if not p or not os.path.isdir(p):
-            continue
-        dirs += sorted(glob.glob(os.path.join(p, "nvidia", "*", "include")))
-    out = []
-    for d in dirs:
-        if d not in out and (os.path.exists(os.path.join(d, "cusparse.h")) or os.path.exists(os.path.join(d, "cublas_v2.h"))):
-            out.append(d)
-    return out
-
-
-def _cpu_arch_flags() -> list[str]:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return []
-    choice = os.environ.get("DAC_FAST_CPU_ARCH", "").strip()
-    if choice == "generic":
-        return []
-    if choice == "native":
-        return ["-march=native"]
-    if choice:
-        return choice.split()
-    return ["-mavx2", "-mfma", "-mf16c"]
+    def run(self):
+        super().run()
+        src = os.path.join(ROOT, "csrc")
+        if os.path.isdir(src) and not self.dry_run:
+            shutil.copytree(src, os.path.join(self.build_lib, "dac_fast", "csrc"), dirs_exist_ok=True)
 
 
 def _extensions():
     if MODE == "none":
-        _log("DAC_FAST_BUILD=none: building no extension (pure torch)")
+        _log("DAC_FAST_BUILD=none: building no extension (compiled on first use instead)")
         return [], {}
-    cuda_home = _find_cuda_home()
+    cuda_home = B.find_cuda_home()
     if cuda_home and MODE in ("auto", "cuda") and not os.environ.get("CUDA_HOME"):
         # before torch.utils.cpp_extension resolves it (it would take /usr/local from a wrapper nvcc)
         os.environ["CUDA_HOME"] = cuda_home
@@ -93,7 +79,8 @@ def _extensions():
     except ImportError:
         if MODE in ("cpu", "cuda"):
             raise
-        _log("torch is not importable at build time: skipping the extension (pure torch)")
+        _log("torch is not importable at build time (isolated build?): no extension now, "
+             "dac_fast compiles it on first use (DAC_FAST_JIT)")
         return [], {}
 
     want_cuda = MODE == "cuda"
@@ -106,72 +93,39 @@ def _extensions():
             raise SystemExit("DAC_FAST_BUILD=cuda but no CUDA toolkit found (set CUDA_HOME)")
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home  # resolved at import; make the wrapper-safe choice stick
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            visible = False
-            try:
-                visible = torch.cuda.is_available() and torch.cuda.device_count() > 0
-            except Exception:
-                visible = False
-            if not visible:
-                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        B.default_cuda_arch_list()
         _log(f"building CPU + CUDA kernels (CUDA_HOME={cuda_home}, "
              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<detected GPU>')})")
     else:
         _log("building CPU kernels only")
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"] + _cpu_arch_flags()
-    # torch >= 2.6 headers need C++17 at least; newer ones want C++20 features guarded by macros.
-    try:
-        major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-        if (major, minor) >= (2, 10):
-            cxx[1] = "-std=c++20"
-    except ValueError:
-        pass
-    sources = ["csrc/dac_fast.cpp", "csrc/cpu/kernels_cpu.cpp", "csrc/cpu/buffer_cache.cpp"]
+    sources = [os.path.join("csrc", s) for s in B.CPU_SOURCES]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
-    extra = {"cxx": cxx}
-    libraries = ["gomp"] if sys.platform.startswith("linux") else []
+    extra = {"cxx": B.cxx_flags(torch.__version__)}
     if want_cuda:
-        sources.append("csrc/cuda/kernels.cu")
-        include_dirs += _nvidia_pip_includes()
+        sources += [os.path.join("csrc", s) for s in B.CUDA_SOURCES]
+        include_dirs += B.nvidia_pip_includes()
         define_macros.append(("DAC_FAST_WITH_CUDA", "1"))
-        extra["nvcc"] = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr", "-std=" + cxx[1].split("=")[1],
-                         "-DDAC_FAST_WITH_CUDA=1", f"--threads={max(1, min(4, os.cpu_count() or 1))}"]
+        extra["nvcc"] = B.nvcc_flags(torch.__version__)
         ext_cls = cpp_extension.CUDAExtension
     else:
         ext_cls = cpp_extension.CppExtension
-    ext = ext_cls(
-        name="dac_fast._C",
-        sources=sources,
-        include_dirs=include_dirs,
-        define_macros=define_macros,
-        extra_compile_args=extra,
-        extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
-        libraries=libraries,
-    )
-    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
-    return [ext], cmdclass
+    ext = ext_cls(name="dac_fast._C", sources=sources, include_dirs=include_dirs, define_macros=define_macros,
+                  extra_compile_args=extra, extra_link_args=B.link_flags(), libraries=B.libraries())
+    info = B.build_info("setup.py", want_cuda, torch.__version__, cuda_home if want_cuda else None)
+
+    class BuildExtWithInfo(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        """Writes dac_fast/_build_info.json next to the library (``dac-fast doctor`` shows it)."""
+
+        def run(self):
+            super().run()
+            target = os.path.join(os.path.dirname(self.get_ext_fullpath("dac_fast._C")), B.BUILD_INFO)
+            with open(target, "w") as f:
+                json.dump(info, f, indent=1)
+
+    return [ext], {"build_ext": BuildExtWithInfo}
 
 
 ext_modules, cmdclass = _extensions()
-
-setup(
-    name="dac-fast",
-    version="0.1.0",
-    description="A fast, drop-in reimplementation of the Descript Audio Codec (DAC) with fused CPU/CUDA kernels",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["dac_fast", "dac_fast.*"]),
-    install_requires=["torch>=2.4", "numpy", "soundfile", "soxr", "pyloudnorm", "safetensors", "tqdm"],
-    extras_require={
-        "ray": ["ray[data]>=2.9", "pyarrow"],
-        "hub": ["huggingface_hub"],
-        "test": ["pytest", "transformers>=4.45"],
-    },
-    entry_points={"console_scripts": ["dac-fast = dac_fast.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithSources, **cmdclass})

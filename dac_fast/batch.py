@@ -1,11 +1,13 @@
 """Batch encoding and decoding of audio files: ``encode_files`` / ``decode_files``.
 
-Pipeline (encode): expand inputs (directories recursively, globs) -> skip inputs whose output
-is already complete (unless ``overwrite``) -> sort by duration (from file headers) -> read +
-resample + loudness-normalize in a background thread pool (soundfile, soxr, pyloudnorm; they
-release the GIL in their C code) -> bucket into batches -> one ``model.encode`` per batch
-(channels folded into the batch, pinned memory + non-blocking copies on CUDA) -> write each
-output atomically in a writer thread -> report.
+Pipeline (encode): check the arguments and the output directory -> expand inputs (directories
+recursively, globs) -> decide per input whether its output can be trusted (``dac_fast.resume``:
+skip, redo, or refuse a run that would mix setups) -> sort by duration (from file headers) ->
+read + resample + loudness-normalize ahead of the model (``_Prefetcher``: a reader thread pool,
+a window and a memory budget; soundfile, soxr and pyloudnorm release the GIL in their C code) ->
+bucket into batches -> one ``model.encode`` per batch, items retried one by one when a batch
+fails (``run_with_fallback``) -> write each output atomically (``_WriteQueue``: a writer pool
+with a bounded number of waiting results) -> record the output -> report.
 
 Batching and exactness. DAC's convolutions see zeros past the end of a signal only when the
 signal really ends there: zero-padding a shorter item to a longer one in the same batch
@@ -21,31 +23,34 @@ Long files: the model tiles long inputs internally with a halo so that codes equ
 whole-file codes and memory is bounded by the tile (``tile_frames`` is passed through when
 the model supports it); this module never windows the model itself.
 
-No lost work: outputs are written to a temporary file in the output directory and renamed;
-a re-run skips complete outputs; bad inputs are reported (path + reason) and skipped; Ctrl-C
-/ SIGTERM finishes in-flight writes and removes temporaries.
+No lost work, no wrong work: outputs are written to a temporary file in the output directory and
+renamed; a re-run skips outputs whose record matches (same model and settings, unchanged source,
+output intact) and redoes the others; bad inputs are reported (path + reason) and skipped;
+Ctrl-C / SIGTERM finishes in-flight writes and removes temporaries. Mistakes in the arguments
+raise :class:`UserError` before any model is loaded.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import glob
 import inspect
 import math
 import os
+import re
 import sys
-import threading
+import tempfile
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from . import io as aio
 from .configuration import PRESETS
 from .dacfile import DacFile, DacFileError, load_any
+from .resume import OutputLog, model_identity
+from .runner import Failure, Report, _Item, _run, _to_device, run_with_fallback  # noqa: F401 (re-exported)
 
 AUDIO_EXTENSIONS = (
     ".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc",
@@ -54,76 +59,35 @@ AUDIO_EXTENSIONS = (
 CODE_EXTENSIONS = (".dac", ".json")
 FORMATS = ("dac", "npy")
 PRESET_NAMES = tuple(PRESETS)
+SUBTYPES = {"pcm16": "PCM_16", "pcm24": "PCM_24", "float": "FLOAT"}
 
 
-# ----------------------------------------------------------------------------------------------
-# report
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Failure:
-    path: str
-    reason: str
+class UserError(ValueError):
+    """A mistake in what the caller asked for (an argument, the output directory, the model spec).
 
-    def __str__(self):
-        return f"{self.path}: {self.reason}"
+    ``argument`` names the keyword argument at fault (None when it is not one argument); the CLI
+    prints ``--flag-name: message`` without a traceback and exits 2."""
 
+    def __init__(self, message: str, argument: str | None = None):
+        self.message, self.argument = message, argument
+        super().__init__(f"{argument}: {message}" if argument else message)
 
-@dataclass
-class Report:
-    """What a run did. ``ok`` is False when any input failed."""
-
-    task: str
-    done: list = field(default_factory=list)  # (input, output) pairs written this run
-    skipped: list = field(default_factory=list)  # (input, output) pairs already complete
-    failures: list = field(default_factory=list)  # Failure
-    audio_seconds: float = 0.0  # audio processed this run (original duration)
-    wall_seconds: float = 0.0
-    model_seconds: float = 0.0  # time inside model.encode/decode
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    @property
-    def files_per_second(self) -> float:
-        return len(self.done) / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    @property
-    def realtime_factor(self) -> float:
-        """Wall time / audio time (< 1 is faster than real time)."""
-        return self.wall_seconds / self.audio_seconds if self.audio_seconds > 0 else 0.0
-
-    @property
-    def speed(self) -> float:
-        """Audio seconds per wall second (= audio hours per hour)."""
-        return self.audio_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    def summary(self) -> str:
-        lines = [
-            f"{self.task}: {len(self.done)} written, {len(self.skipped)} skipped (already complete), "
-            f"{len(self.failures)} failed; {self.audio_seconds / 3600:.4f} audio hours in "
-            f"{self.wall_seconds:.2f} s ({self.files_per_second:.2f} files/s, {self.speed:.2f}x real time, "
-            f"RTF {self.realtime_factor:.4f}, model {self.model_seconds:.2f} s)"
-        ]
-        if self.failures:
-            lines.append(f"failed inputs ({len(self.failures)}):")
-            lines += [f"  {f}" for f in self.failures]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return {
-            "task": self.task, "written": len(self.done), "skipped": len(self.skipped),
-            "failed": [{"path": f.path, "reason": f.reason} for f in self.failures],
-            "audio_seconds": self.audio_seconds, "wall_seconds": self.wall_seconds,
-            "model_seconds": self.model_seconds, "files_per_second": self.files_per_second,
-            "speed_x_realtime": self.speed, "rtf": self.realtime_factor,
-        }
+    def for_cli(self) -> str:
+        if not self.argument:
+            return self.message
+        return f"--{self.argument.replace('_', '-')}: {self.message}"
 
 
 # ----------------------------------------------------------------------------------------------
 # model helpers
 # ----------------------------------------------------------------------------------------------
-def load_model(spec: Any = "44khz", device: str | None = None, dtype: Any = None, *, seed: int = 0, quiet: bool = False):
+def _is_model(obj) -> bool:
+    import torch
+
+    return isinstance(obj, torch.nn.Module) or (hasattr(obj, "encode") and hasattr(obj, "config"))
+
+
+def load_model(spec: Any, device: str | None = None, dtype: Any = None, *, seed: int = 0, quiet: bool = False):
     """Load a DAC model from ``spec``.
 
     ``spec``: an already-built model (returned as is, moved to device/dtype); a zero-argument
@@ -131,41 +95,93 @@ def load_model(spec: Any = "44khz", device: str | None = None, dtype: Any = None
     directory (``DacModel.from_pretrained``); an original ``.pth`` checkpoint
     (``DacModel.from_original``); a preset name ``16khz``/``24khz``/``44khz``/``44khz_16kbps``
     (``DacModel.from_preset``: RANDOM weights in the real shapes, for trying the pipeline out -
-    a warning says so); anything else is treated as a hub id (``from_pretrained``).
+    a warning says so unless ``quiet``); anything else is treated as a hub id (``from_pretrained``).
+    Raises :class:`UserError` (argument ``model``/``device``/``dtype``) when the spec cannot be used.
     """
     import torch
 
-    if callable(spec) and not hasattr(spec, "encode") and not isinstance(spec, (str, os.PathLike)):
+    dev = check_device(device)
+    dt = parse_dtype(dtype)
+    if callable(spec) and not _is_model(spec) and not isinstance(spec, (str, os.PathLike)):
         spec = spec()  # a zero-argument loader: the model is built only when there is work to do
-    if isinstance(spec, torch.nn.Module) or (hasattr(spec, "encode") and hasattr(spec, "config")):
+    if _is_model(spec):
         model = spec
     else:
-        spec_s = str(spec)
-        DacModel = _dac_model_class()
-        p = Path(spec_s).expanduser()
-        if spec_s in PRESET_NAMES:
-            msg = (f"WARNING: model preset {spec_s!r} has RANDOM weights (seed {seed}) in the real shapes: "
-                   "for trying the pipeline out only; codes and audio are meaningless. "
-                   "Pass --model with a checkpoint directory, .pth file or hub id for real use.")
-            if not quiet:
-                print(msg, file=sys.stderr)
-            model = DacModel.from_preset(spec_s, seed=seed)
-        elif p.is_dir():
-            model = DacModel.from_pretrained(str(p))
-        elif p.suffix in (".pth", ".pt", ".ckpt"):
-            if not p.exists():
-                raise FileNotFoundError(f"checkpoint {p} does not exist")
-            model = DacModel.from_original(str(p))
-        elif p.exists():
-            raise ValueError(f"don't know how to load a model from file {p} (expected a directory or .pth)")
-        else:
-            model = DacModel.from_pretrained(spec_s)
-    dev = torch.device(device) if device else None
-    dt = parse_dtype(dtype)
+        model = _load_from_spec(str(spec), seed, quiet)
     if dev is not None or dt is not None:
         model = model.to(device=dev, dtype=dt)
     model.eval()
     return model
+
+
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
+_HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
+
+
+def check_model_spec(spec: Any) -> None:
+    """A :class:`UserError` (argument ``model``) for a spec that cannot name a model: a missing path,
+    a file that is no checkpoint, or a name that is neither a preset nor a hub id like
+    'descript/dac_16khz'. Checked before any work; the hub itself is asked only when loading."""
+    if _is_model(spec) or callable(spec):
+        return
+    s = str(spec)
+    p = Path(s).expanduser()
+    presets = f"presets with random weights: {', '.join(PRESET_NAMES)}"
+    if s in PRESET_NAMES or p.is_dir() or (p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES):
+        return
+    if p.is_file():
+        raise UserError(f"don't know how to load a model from file {p} (expected a model directory, a "
+                        f"{'/'.join(_CHECKPOINT_SUFFIXES)} checkpoint, a hub id or a preset)", "model")
+    if p.suffix in _CHECKPOINT_SUFFIXES or s.startswith((".", "/", "~")):
+        raise UserError(f"{p} does not exist (checkpoint or model directory expected; {presets})", "model")
+    if not _HUB_ID.fullmatch(s):
+        raise UserError(f"{s!r} is not a local model directory, a checkpoint file or a hub id like "
+                        f"'descript/dac_16khz' ({presets})", "model")
+
+
+def _load_from_spec(spec: str, seed: int, quiet: bool):
+    check_model_spec(spec)
+    DacModel = _dac_model_class()
+    p = Path(spec).expanduser()
+    if spec in PRESET_NAMES:
+        if not quiet:
+            warnings.warn(f"model preset {spec!r} has RANDOM weights (seed {seed}) in the real shapes: codes and "
+                          "audio are meaningless; load a checkpoint for real use", UserWarning, stacklevel=3)
+        return DacModel.from_preset(spec, seed=seed)
+    try:
+        if p.is_dir():
+            return DacModel.from_pretrained(str(p))
+        if p.is_file():
+            return DacModel.from_original(str(p))
+        return DacModel.from_pretrained(spec)
+    except Exception as exc:  # a corrupt or foreign checkpoint (torch.load, safetensors, config) is the user's to fix
+        raise UserError(f"cannot load model {spec!r}: {type(exc).__name__}: {str(exc)[:500]}", "model") from None
+
+
+def check_device(device) -> Any:
+    """``device`` as a torch.device, or None; a :class:`UserError` (argument ``device``) when it is
+    malformed or names a CUDA device this machine cannot use."""
+    import torch
+
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UserError(f"not a torch device: {device!r} ({exc})", "device") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA driver or GPU is visible"
+            raise UserError(f"{device!r} requested but CUDA is not available ({why}); use --device cpu", "device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"{device!r} requested but only {torch.cuda.device_count()} CUDA device(s) are visible", "device")
+    return dev
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def parse_dtype(dtype):
@@ -179,7 +195,7 @@ def parse_dtype(dtype):
     try:
         return names[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(names)}") from None
+        raise UserError(f"unknown dtype {dtype!r}; expected one of {sorted(names)}", "dtype") from None
 
 
 def _dac_model_class():
@@ -188,11 +204,56 @@ def _dac_model_class():
     return DacModel
 
 
+def model_config(spec: Any):
+    """The config of ``spec`` when it can be read without building the model (a model object, a
+    preset, a local directory with config.json), else None."""
+    if _is_model(spec):
+        return spec.config
+    from .configuration import DacConfig
+
+    s = str(spec)
+    if s in PRESET_NAMES:
+        return DacConfig.from_preset(s)
+    p = Path(s).expanduser()
+    if (p / "config.json").is_file():
+        try:
+            return DacConfig.from_pretrained(p)
+        except (OSError, ValueError):
+            return None
+    return None
+
+
 def model_rate_and_hop(model) -> tuple[int, int]:
-    cfg = model.config
+    cfg = getattr(model, "config", model)
     ratios = getattr(cfg, "downsampling_ratios", None)
     hop = int(np.prod(ratios)) if ratios else int(cfg.hop_length)  # hub configs may carry a stale hop
     return int(cfg.sampling_rate), hop
+
+
+def check_n_quantizers(n_quantizers, n_codebooks: int | None = None) -> int | None:
+    """``n_quantizers`` as an int in 1..n_codebooks (None passes through); :class:`UserError` otherwise."""
+    if n_quantizers is None:
+        return None
+    nq = int(n_quantizers)
+    if nq < 1 or (n_codebooks and nq > n_codebooks):
+        limit = f"1..{n_codebooks}" if n_codebooks else ">= 1"
+        raise UserError(f"must be in {limit} (the model's codebooks), got {nq}", "n_quantizers")
+    return nq
+
+
+def _n_codebooks(config) -> int | None:
+    return int(getattr(config, "n_codebooks", 0)) or None
+
+
+def _check_nq(n_quantizers, model) -> int:
+    """``check_n_quantizers`` against a model (kept for the Ray encoder)."""
+    return check_n_quantizers(n_quantizers, _n_codebooks(model.config))
+
+
+def _check_positive(**values):
+    for name, v in values.items():
+        if int(v) < 1:
+            raise UserError(f"must be >= 1, got {v}", name)
 
 
 def _accepts(fn, name) -> bool:
@@ -213,15 +274,41 @@ def _model_device_dtype(model):
         return torch.device("cpu"), torch.float32
 
 
+def _setup(task: str, model, seed: int, dtype, **settings) -> dict:
+    """Everything that changes what a run writes, for the output records (``dac_fast.resume``)."""
+    dt = parse_dtype(dtype)
+    if dt is None:
+        dt = _model_device_dtype(model)[1] if _is_model(model) else "torch.float32"
+    return {"task": task, "model": model_identity(model, seed), "dtype": str(dt), **settings}
+
+
 # ----------------------------------------------------------------------------------------------
-# input expansion
+# output directory and inputs
 # ----------------------------------------------------------------------------------------------
+def prepare_output_dir(output_dir) -> Path:
+    """Create ``output_dir`` and prove it writable, before any work: a :class:`UserError`
+    (argument ``output_dir``) when it is a file, cannot be created or cannot be written."""
+    p = Path(output_dir).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{p} exists and is not a directory", "output_dir")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=aio.TMP_PREFIX + "probe-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write to {p}: {exc.strerror or exc}", "output_dir") from None
+    aio.cleanup_temp_files(p)
+    return p
+
+
 def expand_inputs(inputs: Iterable[Any], extensions: Sequence[str]) -> tuple[list[tuple[Path, Path]], list[Failure]]:
     """Expand files, directories (recursive) and glob patterns.
 
     Returns ``([(path, relative output stem base)], failures)``: a directory's files keep
     their path relative to it (so outputs mirror the tree); plain files and glob matches use
-    their name. Inputs that match nothing are failures.
+    their name. Inputs that match nothing are failures; so is a directory without a single file
+    of ``extensions`` (the failure says what it holds instead).
     """
     exts = tuple(e.lower() for e in extensions)
     out: list[tuple[Path, Path]] = []
@@ -238,11 +325,11 @@ def expand_inputs(inputs: Iterable[Any], extensions: Sequence[str]) -> tuple[lis
         s = str(item)
         p = Path(s).expanduser()
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in exts
-                           and not q.name.startswith(aio.TMP_PREFIX) and not _is_npy_codes(q))
+            found = [q for q in sorted(p.rglob("*")) if _wanted(q, exts)]
+            if not found:
+                kind = "audio" if set(exts) == set(AUDIO_EXTENSIONS) else "/".join(exts)
+                failures.append(Failure(s, f"no {kind} files found (it holds {_describe_contents(p)})"))
             for q in found:
-                if q.suffix.lower() == ".json" and not _json_has_codes(q):
-                    continue
                 add(q, q.relative_to(p))
         elif p.exists():
             add(p, Path(p.name))
@@ -258,6 +345,26 @@ def expand_inputs(inputs: Iterable[Any], extensions: Sequence[str]) -> tuple[lis
     return out, failures
 
 
+def _wanted(q: Path, exts) -> bool:
+    if not q.is_file() or q.suffix.lower() not in exts or q.name.startswith("."):
+        return False  # hidden files: our temporaries and records, editors' and OSes' droppings
+    if _is_npy_codes(q):
+        return False
+    return q.suffix.lower() != ".json" or _json_has_codes(q)
+
+
+def _describe_contents(directory: Path) -> str:
+    counts: dict[str, int] = {}
+    for q in directory.rglob("*"):
+        if q.is_file() and not q.name.startswith("."):
+            ext = ".codes.npy" if _is_npy_codes(q) else (q.suffix.lower() or "(no extension)")
+            counts[ext] = counts.get(ext, 0) + 1
+    if not counts:
+        return "no files"
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    return ", ".join(f"{n} {ext}" for ext, n in top) + (" ..." if len(counts) > 5 else "")
+
+
 def _is_npy_codes(p: Path) -> bool:
     return p.name.endswith(".codes.npy")
 
@@ -267,7 +374,7 @@ def _json_has_codes(p: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# output naming / completeness
+# output naming / trust
 # ----------------------------------------------------------------------------------------------
 def encoded_output(output_dir: Path, rel: Path, fmt: str) -> Path:
     """The primary output of encoding ``rel``: ``.dac``, or the ``.json`` (written last) for npy."""
@@ -277,240 +384,55 @@ def encoded_output(output_dir: Path, rel: Path, fmt: str) -> Path:
     return stem.with_name(stem.name + ".json")
 
 
-def _complete(path: Path) -> bool:
+def _codes_intact(out: Path, holds: dict) -> str | None:
+    """None when the codes output reads back with the recorded shape, else what is wrong."""
     try:
-        return path.is_file() and path.stat().st_size > 0
-    except OSError:
-        return False
+        f = load_any(out)
+    except (DacFileError, OSError, ValueError) as exc:
+        return str(exc).split(": ", 1)[-1]
+    if list(f.codes.shape) != holds.get("shape"):
+        return f"codes shape {list(f.codes.shape)}, recorded {holds.get('shape')}"
+    return None
 
 
-def _encoded_complete(out: Path, fmt: str) -> bool:
-    if fmt == "npy":
-        return _complete(out) and _complete(out.with_name(out.name[: -len(".json")] + ".codes.npy"))
-    return _complete(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# progress
-# ----------------------------------------------------------------------------------------------
-class _Progress:
-    def __init__(self, total: int, task: str, enabled):
-        self.enabled = bool(enabled)
-        self.bar = None
-        self.t0 = time.perf_counter()
-        self.audio_s = 0.0
-        if self.enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc=task, unit="file", dynamic_ncols=True, file=sys.stderr)
-            except ImportError:  # pragma: no cover
-                self.bar = None
-
-    def update(self, n: int, audio_s: float):
-        self.audio_s += audio_s
-        if self.bar is not None:
-            el = max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix_str(f"{self.audio_s / 3600:.3f} h audio, {self.audio_s / el:.1f}x RT, RTF {el / max(self.audio_s, 1e-9):.3f}",
-                                     refresh=False)
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# batching
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class _Item:
-    idx: int
-    src: Path
-    out: Path
-    rows: Any = None  # np (rows, samples) for encode / codes (rows, n, frames) for decode
-    frames: int = 0
-    meta: dict = field(default_factory=dict)
-
-
-class _Bucketer:
-    """Groups loaded items into batches of about ``batch_size`` rows.
-
-    exact: one group per key (frame count); pad: a single group in arrival order (inputs are
-    sorted by length, so neighbours are similar). A group is emitted when it reaches
-    ``batch_size`` rows; when more than ``max_pending`` rows wait, the largest group is emitted.
-    """
-
-    def __init__(self, batch_size: int, exact: bool, max_pending: int):
-        self.batch_size = max(1, int(batch_size))
-        self.exact = exact
-        self.max_pending = max(self.batch_size, max_pending)
-        self.groups: "OrderedDict[Any, list[_Item]]" = OrderedDict()
-        self.pending = 0
-
-    def add(self, item: _Item) -> list[list[_Item]]:
-        key = item.frames if self.exact else 0
-        self.groups.setdefault(key, []).append(item)
-        self.pending += item.rows.shape[0]
-        ready = []
-        g = self.groups[key]
-        if sum(i.rows.shape[0] for i in g) >= self.batch_size:
-            ready.append(self._pop(key))
-        while self.pending > self.max_pending and self.groups:
-            big = max(self.groups, key=lambda k: sum(i.rows.shape[0] for i in self.groups[k]))
-            ready.append(self._pop(big))
-        return ready
-
-    def _pop(self, key) -> list[_Item]:
-        g = self.groups.pop(key)
-        self.pending -= sum(i.rows.shape[0] for i in g)
-        return g
-
-    def pop_largest(self) -> list[_Item]:
-        if not self.groups:
-            return []
-        big = max(self.groups, key=lambda k: sum(i.rows.shape[0] for i in self.groups[k]))
-        return self._pop(big)
-
-    def flush(self) -> list[list[_Item]]:
-        out = [self._pop(k) for k in list(self.groups)]
-        return out
-
-
-def _to_device(x, device):
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
-
-
-# ----------------------------------------------------------------------------------------------
-# the generic runner
-# ----------------------------------------------------------------------------------------------
-def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers, exact, progress,
-         size_fn=None, memory_budget=2 << 30):
-    """Prefetch (thread pool) -> bucket -> model -> write (thread pool), in input order."""
-    n = len(jobs)
-    prog = _Progress(n, task, progress)
-    workers = max(1, int(workers))
-    bucketer = _Bucketer(batch_size, exact, max_pending=4 * max(1, batch_size))
-    readers = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dacfast-read")
-    writers = cf.ThreadPoolExecutor(max_workers=max(1, min(4, workers)), thread_name_prefix="dacfast-write")
-    lock = threading.Lock()
-    # bound the results waiting to be written (a fast GPU must not pile decoded audio up in RAM)
-    write_slots = threading.Semaphore(max(4, 2 * batch_size))
-
-    def on_written(fut, item):
-        write_slots.release()
-        exc = fut.exception() if not fut.cancelled() else RuntimeError("cancelled")
-        with lock:
-            if exc is None:
-                report.done.append((str(item.src), str(item.out)))
-                report.audio_seconds += item.meta.get("duration", 0.0)
-            else:
-                report.failures.append(Failure(str(item.src), f"write failed: {exc}"))
-            prog.update(1, item.meta.get("duration", 0.0) if exc is None else 0.0)
-
-    def run_batch(batch: list[_Item]):
-        t = time.perf_counter()
-        try:
-            results = model_fn(batch)
-        except Exception as exc:  # a model failure on one batch: retry items one by one
-            if len(batch) > 1:
-                for it in batch:
-                    run_batch([it])
-                return
-            report.failures.append(Failure(str(batch[0].src), f"model failed: {type(exc).__name__}: {exc}"))
-            prog.update(1, 0.0)
-            return
-        finally:
-            report.model_seconds += time.perf_counter() - t
-        for it, res in zip(batch, results):
-            it.rows = None  # free input memory early
-            write_slots.acquire()
-            fut = writers.submit(write_fn, it, res)
-            fut.add_done_callback(lambda f, it=it: on_written(f, it))
-
-    # Bounded prefetch: at most `window` items and about `memory_budget` bytes of decoded audio
-    # are loaded ahead of the model (always at least one), so memory follows the batch size and
-    # the budget, not the dataset. Long files are never held many at a time.
-    window = max(2 * workers, 2 * batch_size)
-    outstanding = {"bytes": 0}
-    cost: dict[int, int] = {}
-
-    def release(items):
-        for it in items:
-            outstanding["bytes"] -= cost.pop(it.idx, 0)
-
+def _audio_intact(out: Path, holds: dict) -> str | None:
+    """None when the decoded audio's header shows the recorded channels and length."""
     try:
-        it_jobs = iter(enumerate(jobs))
-        inflight: "OrderedDict[int, cf.Future]" = OrderedDict()
-        job_of = {}
-        peeked: list = []
+        _, channels, frames = aio.audio_info(out)
+    except aio.AudioError as exc:
+        return exc.reason
+    if [channels, frames] != [holds.get("channels"), holds.get("frames")]:
+        return f"{channels} channels x {frames} frames, recorded {holds.get('channels')} x {holds.get('frames')}"
+    return None
 
-        def top_up():
-            while len(inflight) < window:
-                if not peeked:
-                    try:
-                        peeked.append(next(it_jobs))
-                    except StopIteration:
-                        return
-                i, job = peeked[0]
-                need = int(size_fn(job)) if size_fn else 0
-                if outstanding["bytes"] and outstanding["bytes"] + need > memory_budget:
-                    return
-                peeked.pop()
-                cost[i] = need
-                outstanding["bytes"] += need
-                job_of[i] = job
-                inflight[i] = readers.submit(load_fn, i, job)
 
-        while True:
-            top_up()
-            if not inflight:
-                if peeked:  # the budget is held by items waiting in the bucketer: run the largest group
-                    batch = bucketer.pop_largest()
-                    if batch:
-                        run_batch(batch)
-                        release(batch)
-                        continue
-                    outstanding["bytes"] = 0  # nothing pending: let the next (huge) item in
-                    continue
-                break
-            i, fut = inflight.popitem(last=False)
-            try:
-                item = fut.result()
-            except aio.AudioError as exc:
-                report.failures.append(Failure(exc.path, exc.reason))
-                prog.update(1, 0.0)
-                outstanding["bytes"] -= cost.pop(i, 0)
+def _plan(expanded, out_of, log: OutputLog, intact, overwrite: bool, report: Report):
+    """The (source, output) jobs of this run. Existing outputs are skipped only when their record
+    vouches for them; made with another setup, the run is refused (:class:`UserError`)."""
+    jobs, claimed, foreign = [], {}, []
+    for src, rel in expanded:
+        out = out_of(rel)
+        key = os.path.abspath(out)
+        if key in claimed:
+            report.failures.append(Failure(str(src), f"output {out} already claimed by {claimed[key]} (same name, different extension?)"))
+            continue
+        claimed[key] = str(src)
+        if not overwrite and out.exists():
+            verdict, why = log.verdict(src, out, intact)
+            if verdict == "skip":
+                report.skipped.append((str(src), str(out)))
                 continue
-            except DacFileError as exc:
-                report.failures.append(Failure(str(job_of[i][0]), str(exc).split(": ", 1)[-1]))
-                prog.update(1, 0.0)
-                outstanding["bytes"] -= cost.pop(i, 0)
+            if verdict == "foreign":
+                foreign.append((out, why))
                 continue
-            except Exception as exc:
-                report.failures.append(Failure(str(job_of[i][0]), f"{type(exc).__name__}: {exc}"))
-                prog.update(1, 0.0)
-                outstanding["bytes"] -= cost.pop(i, 0)
-                continue
-            finally:
-                job_of.pop(i, None)
-            for batch in bucketer.add(item):
-                run_batch(batch)
-                release(batch)
-        for batch in bucketer.flush():
-            run_batch(batch)
-            release(batch)
-    except BaseException:
-        # Ctrl-C / SIGTERM / fatal error: stop reading, let in-flight writes finish atomically
-        readers.shutdown(wait=False, cancel_futures=True)
-        writers.shutdown(wait=True, cancel_futures=True)
-        prog.close()
-        raise
-    readers.shutdown(wait=True)
-    writers.shutdown(wait=True)
-    prog.close()
+            report.redone.append(Failure(str(src), why))
+        jobs.append((src, out))
+    if foreign:
+        out, why = foreign[0]
+        raise UserError(
+            f"{len(foreign)} existing output(s) in {log.output_dir} were made with a different setup ({why}), "
+            f"e.g. {out}. Use another output directory, or overwrite to redo them.", "output_dir")
+    return jobs
 
 
 def encode_rows(model, rows: list, frames: list, hop: int, device, dtype, n_quantizers=None, **encode_kwargs):
@@ -546,13 +468,36 @@ def _as_numpy(t):
     return t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
 
 
+def _start(model, output_dir, n_quantizers, batch_size, workers, device, dtype):
+    """The checks every run makes before any work: arguments, device, n_quantizers against the
+    model's config where it can be read without loading, the output directory."""
+    _check_positive(batch_size=batch_size, workers=workers)
+    check_n_quantizers(n_quantizers)
+    check_device(device)
+    parse_dtype(dtype)
+    check_model_spec(model)
+    cfg = model_config(model) if not callable(model) or _is_model(model) else None
+    if cfg is not None:
+        check_n_quantizers(n_quantizers, _n_codebooks(cfg))
+    output_dir = prepare_output_dir(output_dir)
+    if callable(model) and not _is_model(model) and not isinstance(model, (str, os.PathLike)):
+        model = model()  # a deferred loader: its identity is needed to judge existing outputs
+    return model, output_dir
+
+
+def _finish(report: Report, log: OutputLog, t0: float) -> Report:
+    log.close()
+    report.wall_seconds = time.perf_counter() - t0
+    return report
+
+
 # ----------------------------------------------------------------------------------------------
 # encode
 # ----------------------------------------------------------------------------------------------
 def encode_files(
     inputs,
     output_dir,
-    model: Any = "44khz",
+    model: Any,
     *,
     batch_size: int = 8,
     n_quantizers: int | None = None,
@@ -566,64 +511,55 @@ def encode_files(
     normalize_db: float | None = -16.0,
     tile_frames: int | None = None,
     prefetch_memory: float = 2 << 30,
+    seed: int = 0,
 ) -> Report:
-    """Encode audio files to ``.dac`` (or ``--format npy``) files under ``output_dir``.
+    """Encode audio files to ``.dac`` (or ``format="npy"``) files under ``output_dir``.
 
     ``inputs``: files, directories (searched recursively for audio extensions) and glob
-    patterns. ``model``: a model object or a spec for :func:`load_model`. ``batch_size``
-    counts rows (a stereo file is two rows). ``bucket``: "exact" (default) or "pad" (see the
-    module docstring). ``normalize_db``: loudness target (None: no normalization).
+    patterns. ``model``: a model object or a spec for :func:`load_model` (``seed`` for presets).
+    ``batch_size`` counts rows (a stereo file is two rows). ``bucket``: "exact" (default) or "pad"
+    (see the module docstring). ``normalize_db``: loudness target (None: no normalization).
     ``tile_frames``: passed to the model's encode (its exact tiling of long inputs).
     ``prefetch_memory``: about how many bytes of decoded audio may be loaded ahead of the model
-    (at least one file always is). Returns a :class:`Report`; failures do not stop the run.
+    (at least one file always is). Existing outputs are trusted only as ``dac_fast.resume``
+    describes. Returns a :class:`Report`; failures do not stop the run; mistakes in the arguments
+    raise :class:`UserError` before the model is loaded.
     """
-    import torch
-
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if bucket not in ("exact", "pad"):
-        raise ValueError("bucket must be 'exact' or 'pad'")
-    if n_quantizers is not None and hasattr(model, "config"):
-        _check_nq(n_quantizers, model)
     t0 = time.perf_counter()
+    if format not in FORMATS:
+        raise UserError(f"must be one of {FORMATS}, got {format!r}", "format")
+    if bucket not in ("exact", "pad"):
+        raise UserError(f"must be 'exact' or 'pad', got {bucket!r}", "bucket")
+    model, output_dir = _start(model, output_dir, n_quantizers, batch_size, workers, device, dtype)
     report = Report(task="encode")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    aio.cleanup_temp_files(output_dir)
-
-    expanded, failures = expand_inputs(inputs, AUDIO_EXTENSIONS)
-    report.failures += failures
-    jobs = _plan(expanded, output_dir, lambda rel: encoded_output(output_dir, rel, format),
-                 lambda out: _encoded_complete(out, format), overwrite, report)
+    expanded, report.failures = expand_inputs(inputs, AUDIO_EXTENSIONS)
+    log = OutputLog(output_dir, _setup("encode", model, seed, dtype, n_quantizers=n_quantizers,
+                                       normalize_db=normalize_db, bucket=bucket))
+    jobs = _plan(expanded, lambda rel: encoded_output(output_dir, rel, format), log, _codes_intact, overwrite, report)
     if not jobs:
-        report.wall_seconds = time.perf_counter() - t0
-        return report
+        return _finish(report, log, t0)
 
-    model = load_model(model, device, dtype)
+    model = load_model(model, device, dtype, seed=seed)
     dev, mdtype = _model_device_dtype(model)
     sr, hop = model_rate_and_hop(model)
-    nq = None if n_quantizers is None else _check_nq(n_quantizers, model)
+    nq = _check_nq(n_quantizers, model) if n_quantizers is not None else None
     enc_kwargs = {}
     if tile_frames is not None and _accepts(model.encode, "tile_frames"):
         enc_kwargs["tile_frames"] = int(tile_frames)
 
-    # sort by duration from headers (cheap) so equal/similar lengths meet in the bucketer
-    def header_len(job):
+    def header(job):
         try:
-            r, _, f = aio.audio_info(job[0])
-            return f / r
+            return aio.audio_info(job[0])
         except Exception:
-            return 0.0
+            return None
 
-    jobs.sort(key=header_len)
+    # sort by duration from headers (cheap) so equal/similar lengths meet in the bucketer
+    jobs.sort(key=lambda job: (lambda h: h[2] / h[0] if h else 0.0)(header(job)))
 
     def size_fn(job):
         # float32 at the source rate and at the model rate, plus pyloudnorm's float64 working copies
-        try:
-            r, c, f = aio.audio_info(job[0])
-        except Exception:
-            return 0
-        return c * f * 4 * (1 + 3 * max(1.0, sr / r))
+        h = header(job)
+        return h[1] * h[2] * 4 * (1 + 3 * max(1.0, sr / h[0])) if h else 0
 
     def load_fn(i, job):
         src, out = job
@@ -650,11 +586,14 @@ def encode_files(
         else:
             f.extra = {"source": str(it.src), "model_sample_rate": sr, "hop_length": hop}
             f.save_npy(it.out.with_name(it.out.name[: -len(".json")]))
+        return {"shape": list(f.codes.shape)}
 
-    _run("encode", [(s, o) for s, o in jobs], report, load_fn, model_fn, write_fn,
-         batch_size=batch_size, workers=workers, exact=(bucket == "exact"), progress=_want_progress(progress),
-         size_fn=size_fn, memory_budget=int(prefetch_memory))
-    report.wall_seconds = time.perf_counter() - t0
+    try:
+        _run("encode", jobs, report, load_fn, model_fn, write_fn, batch_size=batch_size, workers=workers,
+             exact=(bucket == "exact"), progress=_want_progress(progress), log=log, size_fn=size_fn,
+             memory_budget=int(prefetch_memory))
+    finally:
+        _finish(report, log, t0)
     return report
 
 
@@ -664,7 +603,7 @@ def encode_files(
 def decode_files(
     inputs,
     output_dir,
-    model: Any = "44khz",
+    model: Any,
     *,
     batch_size: int = 8,
     n_quantizers: int | None = None,
@@ -675,13 +614,18 @@ def decode_files(
     format: str = "wav",
     progress: bool | None = None,
     tile_frames: int | None = None,
+    subtype: str = "pcm16",
+    seed: int = 0,
 ) -> Report:
     """Decode ``.dac`` (or npy-format ``.json``) files to audio under ``output_dir``.
 
     Restores the original sample rate (soxr), length and channel count, and the loudness
     (each channel normalized back to the stored ``input_db``, as the original decompress).
-    ``format`` is the audio extension (wav, flac, ogg). Items are batched only with items of
-    the same frame count, so batched decoding equals decoding each file alone.
+    ``format`` is the audio extension (wav, flac, ogg); ``subtype`` the sample format of wav/flac
+    outputs: "pcm16" (default, as the original), "pcm24" or "float" (wav only). Items are batched
+    only with items of the same frame count, so batched decoding equals decoding each file alone.
+    A file whose frame rate or codebook count does not fit the model fails (it was made by
+    another model: decoding it would give noise).
 
     Files written by the original's chunked ``compress`` (``padding=False``, ``chunk_length``
     < frames) are decoded in one pass over all their frames, like our own whole-file codes;
@@ -692,49 +636,43 @@ def decode_files(
     """
     import torch
 
+    t0 = time.perf_counter()
     fmt = format.lstrip(".").lower()
     if fmt in FORMATS:  # "dac"/"npy" are encode formats: the audio format defaults to wav
         fmt = "wav"
-    t0 = time.perf_counter()
+    if subtype not in SUBTYPES:
+        raise UserError(f"must be one of {tuple(SUBTYPES)}, got {subtype!r}", "subtype")
+    if subtype == "float" and fmt != "wav":
+        raise UserError(f"'float' samples need --format wav, got {fmt!r}", "subtype")
+    model, output_dir = _start(model, output_dir, n_quantizers, batch_size, workers, device, dtype)
     report = Report(task="decode")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    aio.cleanup_temp_files(output_dir)
-    expanded, failures = expand_inputs(inputs, CODE_EXTENSIONS)
-    report.failures += failures
-    jobs = _plan(expanded, output_dir, lambda rel: (output_dir / rel).with_suffix("." + fmt), _complete, overwrite, report)
+    expanded, report.failures = expand_inputs(inputs, CODE_EXTENSIONS)
+    log = OutputLog(output_dir, _setup("decode", model, seed, dtype, n_quantizers=n_quantizers,
+                                       subtype=subtype if fmt in ("wav", "flac") else None))
+    jobs = _plan(expanded, lambda rel: (output_dir / rel).with_suffix("." + fmt), log, _audio_intact, overwrite, report)
     if not jobs:
-        report.wall_seconds = time.perf_counter() - t0
-        return report
+        return _finish(report, log, t0)
 
-    model = load_model(model, device, dtype)
+    model = load_model(model, device, dtype, seed=seed)
     dev, mdtype = _model_device_dtype(model)
     sr, hop = model_rate_and_hop(model)
-    n_cb = int(getattr(model.config, "n_codebooks", 0)) or None
+    n_cb = _n_codebooks(model.config)
+    nq = _check_nq(n_quantizers, model) if n_quantizers is not None else None
     cb_size = int(getattr(model.config, "codebook_size", 1024))
     dec_kwargs = {}
     if tile_frames is not None and _accepts(model.decode, "tile_frames"):
         dec_kwargs["tile_frames"] = int(tile_frames)
+    sf_subtype = SUBTYPES[subtype] if fmt in ("wav", "flac") else None
 
     def load_fn(i, job):
         src, out = job
         f = load_any(src)
+        f.check_fits_model(sr, hop, n_cb, cb_size, name=str(src))
         codes = f.codes.astype(np.int64)
-        if n_quantizers is not None:
-            codes = codes[:, : int(n_quantizers)]
-        if n_cb is not None and codes.shape[1] > n_cb:
-            raise DacFileError(f"{src}: has {codes.shape[1]} codebooks, the model has {n_cb}")
-        if codes.size and codes.max() >= cb_size:
-            raise DacFileError(f"{src}: code {int(codes.max())} >= codebook size {cb_size}")
-        if codes.shape[0] != f.channels:
-            raise DacFileError(f"{src}: codes have {codes.shape[0]} rows but channels={f.channels}")
-        if codes.shape[-1] == 0:
-            raise DacFileError(f"{src}: no frames")
-        msr, mhop = f.extra.get("model_sample_rate"), f.extra.get("hop_length")
-        if (msr is not None and int(msr) != sr) or (mhop is not None and int(mhop) != hop):
-            raise DacFileError(f"{src}: encoded by a {msr} Hz / hop {mhop} model, decoding model is {sr} Hz / hop {hop}")
+        if nq is not None:
+            codes = codes[:, :nq]
         return _Item(i, src, out, rows=codes, frames=codes.shape[-1],
-                     meta=dict(f=f, duration=f.original_length / f.sample_rate, ncb=codes.shape[1]))
+                     meta=dict(f=f, duration=f.original_length / f.sample_rate))
 
     def model_fn(batch: list[_Item]):
         # exact bucketing groups by frame count; also split by codebook count
@@ -758,36 +696,15 @@ def decode_files(
     def write_fn(it: _Item, audio):
         f: DacFile = it.meta["f"]
         y = aio.restore_after_decoding(audio, sr, f.input_db, f.sample_rate, f.original_length, f.channels)
-        aio.write_audio(it.out, y, f.sample_rate)
+        aio.write_audio(it.out, y, f.sample_rate, subtype=sf_subtype)
+        return {"channels": int(y.shape[0]), "frames": int(y.shape[1])}
 
-    _run("decode", jobs, report, load_fn, model_fn, write_fn, batch_size=batch_size, workers=workers,
-         exact=True, progress=_want_progress(progress))
-    report.wall_seconds = time.perf_counter() - t0
+    try:
+        _run("decode", jobs, report, load_fn, model_fn, write_fn, batch_size=batch_size, workers=workers,
+             exact=True, progress=_want_progress(progress), log=log)
+    finally:
+        _finish(report, log, t0)
     return report
-
-
-def _check_nq(n_quantizers, model) -> int:
-    nq = int(n_quantizers)
-    n_cb = int(getattr(model.config, "n_codebooks", 0)) or None
-    if nq < 1 or (n_cb is not None and nq > n_cb):
-        raise ValueError(f"n_quantizers must be in 1..{n_cb}, got {nq}")
-    return nq
-
-
-def _plan(expanded, output_dir, out_of, complete, overwrite, report):
-    jobs, claimed = [], {}
-    for src, rel in expanded:
-        out = out_of(rel)
-        key = os.path.abspath(out)
-        if key in claimed:
-            report.failures.append(Failure(str(src), f"output {out} already claimed by {claimed[key]} (same name, different extension?)"))
-            continue
-        claimed[key] = str(src)
-        if not overwrite and complete(out):
-            report.skipped.append((str(src), str(out)))
-            continue
-        jobs.append((src, out))
-    return jobs
 
 
 def _want_progress(progress):
@@ -796,10 +713,17 @@ def _want_progress(progress):
     return bool(progress)
 
 
+# ----------------------------------------------------------------------------------------------
+# info
+# ----------------------------------------------------------------------------------------------
 def info(path) -> dict:
-    """Metadata of a ``.dac`` / npy-format file, as a dict (for ``dac-fast info``)."""
+    """Metadata of a ``.dac`` / npy-format file, as a dict (for ``dac-fast info``).
+
+    ``sample_rate`` is the rate of the audio that was encoded (restored by decoding), not the
+    model's; the model's rate and frame rate are inferred from the frame count and duration (the
+    file does not store them; npy-format files do) and the bitrate follows from them."""
     f = load_any(path)
-    return {
+    d = {
         "path": str(path), "dac_version": f.dac_version, "channels": f.channels,
         "n_codebooks": f.n_codebooks, "frames": f.frames, "chunk_length": f.chunk_length,
         "padding": f.padding, "sample_rate": f.sample_rate, "original_length": f.original_length,
@@ -807,3 +731,26 @@ def info(path) -> dict:
         "codes_dtype": str(f.codes.dtype), "codes_shape": list(f.codes.shape),
         "code_range": [int(f.codes.min()), int(f.codes.max())] if f.codes.size else None,
     }
+    msr, hop = f.extra.get("model_sample_rate"), f.extra.get("hop_length")
+    source = "stored in the file"
+    if msr is None or hop is None:
+        msr, hop = _guess_model(f) or (None, None)
+        source = "inferred from frames and duration"
+    if msr and hop:
+        frame_rate = msr / hop
+        bits = math.log2(1024)  # every DAC codebook has 1024 entries
+        d.update(model_sample_rate=int(msr), hop_length=int(hop), frame_rate=round(frame_rate, 3),
+                 bitrate_kbps=round(f.n_codebooks * bits * frame_rate / 1000, 3), model_rates=source)
+    else:
+        d["model_rates"] = "unknown: the frame count fits none or several of the official models"
+    return d
+
+
+def _guess_model(f: DacFile) -> tuple[int, int] | None:
+    """(model rate, hop) of the official models whose frame count fits the file, when one rate does."""
+    fits = set()
+    for name, cfg in PRESETS.items():
+        hop = int(np.prod(cfg["downsampling_ratios"]))
+        if f.n_codebooks <= cfg["n_codebooks"] and f.fits_frame_rate(cfg["sampling_rate"], hop):
+            fits.add((cfg["sampling_rate"], hop))
+    return fits.pop() if len(fits) == 1 else None

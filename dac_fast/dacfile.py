@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import math
 import pickle
 import struct
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from .io import PathLike, atomic_write, atomic_write_text
 DAC_VERSION = "1.0.0"
 SUPPORTED_VERSIONS = ("1.0.0",)
 NPY_MAGIC = b"\x93NUMPY"
+# frames of padding the original chunked compress adds around the signal (its model delay), bounded
+_DELAY_FRAMES = 16
 
 
 class DacFileError(ValueError):
@@ -192,6 +195,41 @@ class DacFile:
     @property
     def duration(self) -> float:
         return self.original_length / float(self.sample_rate)
+
+    def fits_frame_rate(self, model_rate: int, hop: int) -> bool:
+        """Whether the frame count fits a model of ``model_rate`` Hz and ``hop`` samples per frame.
+
+        The file does not name its model, but its frame count follows from its duration: whole-file
+        codes (``padding``) have ``ceil(samples at the model rate / hop)`` frames; chunked files
+        (the original's ``padding=False``) whole chunks covering the signal plus the model's delay.
+        The official models run at 50, 75 and ~86 frames/s; very short files fit several."""
+        n = math.ceil(self.original_length * model_rate / self.sample_rate)
+        expected = math.ceil(n / hop)
+        slack = 2 + 0.02 * expected  # resamplers round lengths differently
+        if self.padding or self.chunk_length >= self.frames:
+            return abs(self.frames - expected) <= slack
+        # chunked: covers the signal, and the last chunk starts before its end (+ the delay padding)
+        return expected - slack <= self.frames and self.frames - self.chunk_length <= expected + slack + _DELAY_FRAMES
+
+    def check_fits_model(self, model_rate: int, hop: int, n_codebooks: int | None, codebook_size: int = 1024,
+                         name: str = "<dac>") -> None:
+        """Raise :class:`DacFileError` when a model of this rate/hop/codebook count did not make the file
+        (decoding it would give noise)."""
+        if n_codebooks is not None and self.n_codebooks > n_codebooks:
+            raise DacFileError(f"{name}: has {self.n_codebooks} codebooks, the model has {n_codebooks}")
+        msr, mhop = self.extra.get("model_sample_rate"), self.extra.get("hop_length")
+        if (msr is not None and int(msr) != model_rate) or (mhop is not None and int(mhop) != hop):
+            raise DacFileError(f"{name}: encoded by a {msr} Hz / hop {mhop} model, the model is {model_rate} Hz / hop {hop}")
+        if self.frames == 0:
+            raise DacFileError(f"{name}: no frames")
+        if self.codes.shape[0] != self.channels:
+            raise DacFileError(f"{name}: codes have {self.codes.shape[0]} rows but channels={self.channels}")
+        if not self.fits_frame_rate(model_rate, hop):
+            raise DacFileError(
+                f"{name}: {self.frames} frames for {self.duration:.3f} s is {self.frames / self.duration:.1f} frames/s; "
+                f"the model makes {model_rate / hop:.1f} frames/s ({model_rate} Hz, hop {hop}): encoded by another model")
+        if self.codes.size and int(self.codes.max()) >= codebook_size:
+            raise DacFileError(f"{name}: code {int(self.codes.max())} >= codebook size {codebook_size}")
 
     # -------------------------------------------------------------------- .dac (original format)
     def to_artifacts(self) -> dict:

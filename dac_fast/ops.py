@@ -33,25 +33,136 @@ _VALID_BACKENDS = ("auto", "torch", "extension")
 # ~2 ulp, no longer bit-identical to eager torch / transformers. CUDA always uses sinf.
 _C = None
 _C_ERROR: str | None = None
+_C_SOURCE: str | None = None  # "package" (built ahead of time) or the just-in-time build directory
 _KERNEL_DEVICES: frozenset = frozenset()
 _OPS = ("snake", "snake_backward", "add_snake", "scale_bias_snake", "rvq_encode", "rvq_decode")
 
+# Just-in-time build. `pip install .` builds in an isolated environment without torch, so the package
+# arrives without dac_fast._C; then (and when the prebuilt library does not load, e.g. after a torch
+# upgrade) the kernels are compiled on first import into torch's extension cache
+# (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), once per torch version and variant, with
+# a one-line notice. DAC_FAST_JIT: "auto" (default: build), "0" (never: pure torch, with a warning),
+# "1" (build, and fail loudly if the build fails). Concurrent importers (Ray actors, CLI workers):
+# one compiles while the others wait on a lock the kernel releases if its holder dies, then load.
+_JIT_VALUES = ("auto", "0", "1")
+
+
+def _jit_mode() -> str:
+    mode = os.environ.get("DAC_FAST_JIT", "auto").strip().lower() or "auto"
+    if mode not in _JIT_VALUES:
+        raise ValueError(f"DAC_FAST_JIT must be one of {_JIT_VALUES}, got {mode!r}")
+    return mode
+
+
+def _jit_variant() -> tuple[bool, str | None]:
+    """(with CUDA, CUDA_HOME): CUDA kernels too when a GPU is visible and a toolkit is installed."""
+    from . import _build
+
+    cuda_home = _build.find_cuda_home()
+    with_cuda = cuda_home is not None and torch.version.cuda is not None and torch.cuda.is_available()
+    return with_cuda, cuda_home if with_cuda else None
+
+
+def _jit_build_directory(with_cuda: bool) -> str:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    tag = f"dac_fast_{'cuda' if with_cuda else 'cpu'}_torch{torch.__version__}".replace("+", "_").replace(".", "_")
+    path = os.path.join(root, tag)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _jit_build():
+    """Compile (or reuse the cached build of) the extension; returns the module."""
+    import fcntl
+    import json
+    import logging
+    import sys
+
+    from . import _build
+
+    # torch warns at import when it has to guess CUDA_HOME; the guess is not used for a CPU build
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(level)
+
+    sources = _build.source_root()
+    if sources is None:
+        raise ImportError("the csrc/ sources are not installed with the package")
+    with_cuda, cuda_home = _jit_variant()
+    directory = _jit_build_directory(with_cuda)
+    files = [os.path.join(sources, s) for s in _build.CPU_SOURCES]
+    cuda_flags = []
+    if with_cuda:
+        os.environ.setdefault("CUDA_HOME", cuda_home)
+        cpp_extension.CUDA_HOME = cuda_home
+        _build.default_cuda_arch_list()
+        files += [os.path.join(sources, s) for s in _build.CUDA_SOURCES]
+        cuda_flags = _build.nvcc_flags(torch.__version__)
+    cflags = _build.cxx_flags(torch.__version__) + (["-DDAC_FAST_WITH_CUDA=1"] if with_cuda else [])
+    built = os.path.exists(os.path.join(directory, "_C.so"))
+    # Our own lock first: flock is released by the kernel when its holder dies, so a build killed
+    # midway never blocks the next one. Older torch guards its build with a lock FILE that a killed
+    # builder leaves behind (every later load then waits forever): inside our lock nobody else can
+    # be building, so such a file is stale and removed.
+    with open(os.path.join(directory, "dac_fast.lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"dac_fast: waiting for another process compiling the kernels in {directory}", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        built = built or os.path.exists(os.path.join(directory, "_C.so"))
+        if not built:
+            print(f"dac_fast: compiling the {'CPU + CUDA' if with_cuda else 'CPU'} kernels for torch {torch.__version__} "
+                  f"into {directory} (first use only, about {'5-10' if with_cuda else '1-4'} min; DAC_FAST_JIT=0 skips "
+                  "them and runs pure torch, slower)", file=sys.stderr, flush=True)
+        stale = os.path.join(directory, "lock")
+        if os.path.exists(stale) and not hasattr(cpp_extension, "FileLock"):
+            os.remove(stale)
+        module = cpp_extension.load(
+            name="_C", sources=files, extra_cflags=cflags, extra_cuda_cflags=cuda_flags or None,
+            extra_ldflags=_build.link_flags() + [f"-l{lib}" for lib in _build.libraries()],
+            extra_include_paths=[os.path.join(sources, "include")] + (_build.nvidia_pip_includes() if with_cuda else []),
+            build_directory=directory, with_cuda=with_cuda, verbose=False)
+        info_path = os.path.join(directory, _build.BUILD_INFO)
+        if not os.path.exists(info_path):
+            with open(info_path, "w") as f:
+                json.dump(_build.build_info("just in time (dac_fast.ops)", with_cuda, torch.__version__, cuda_home), f)
+    return module, directory
+
+
+def _warn(message: str) -> None:
+    # one line on stderr (no source line): filename without source, lineno 0
+    warnings.warn_explicit(message, RuntimeWarning, filename="dac_fast", lineno=0, module="dac_fast.ops")
+
 
 def _load_extension() -> None:
-    global _C, _C_ERROR, _KERNEL_DEVICES
+    global _C, _C_ERROR, _C_SOURCE, _KERNEL_DEVICES
     try:
         ext = importlib.import_module("dac_fast._C")
+        _C_SOURCE = "package"
     except Exception as exc:  # ImportError, or an undefined symbol when built against another torch
-        _C_ERROR = f"{type(exc).__name__}: {exc}"
-        # one line on stderr (no source line): filename without source, lineno 0
-        warnings.warn_explicit(
-            f"compiled extension dac_fast._C not available ({_C_ERROR.splitlines()[0][:160]}); using pure-torch ops",
-            RuntimeWarning,
-            filename="dac_fast",
-            lineno=0,
-            module="dac_fast.ops",
-        )
-        return
+        _C_ERROR = f"prebuilt: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        mode = _jit_mode()
+        if mode == "0":
+            _warn(f"compiled extension dac_fast._C not available ({_C_ERROR}) and DAC_FAST_JIT=0: using pure-torch "
+                  "ops (slower)")
+            return
+        try:
+            ext, _C_SOURCE = _jit_build()
+        except Exception as jit_exc:
+            if mode == "1":
+                raise
+            _C_ERROR += f"; just-in-time build: {type(jit_exc).__name__}: {str(jit_exc).strip().splitlines()[-1][:200] if str(jit_exc).strip() else ''}"
+            _warn(f"compiled extension dac_fast._C not available ({_C_ERROR}); using pure-torch ops (slower). "
+                  "`dac-fast doctor` tells more")
+            return
+        _C_ERROR = None
     _C = ext
     devices = set()
     for key, dev in (("CPU", "cpu"), ("CUDA", "cuda")):
@@ -64,8 +175,9 @@ def _load_extension() -> None:
 
 
 def extension_status() -> dict:
-    """What was loaded: {"loaded": bool, "devices": [...], "error": str | None}."""
-    return {"loaded": _C is not None, "devices": sorted(_KERNEL_DEVICES), "error": _C_ERROR}
+    """What was loaded: {"loaded": bool, "devices": [...], "error": str | None, "source": "package" or the
+    just-in-time build directory, or None}."""
+    return {"loaded": _C is not None, "devices": sorted(_KERNEL_DEVICES), "error": _C_ERROR, "source": _C_SOURCE}
 
 
 def _env_backend() -> str:

@@ -16,7 +16,8 @@ pytest.importorskip("pyloudnorm")
 torch = pytest.importorskip("torch")
 
 from dac_fast import io as aio  # noqa: E402
-from dac_fast.batch import decode_files, encode_files, load_model, model_rate_and_hop  # noqa: E402
+from dac_fast.batch import UserError, decode_files, encode_files, load_model, model_rate_and_hop  # noqa: E402
+from dac_fast.configuration import DacConfig  # noqa: E402
 from dac_fast.dacfile import DacFile, load_any  # noqa: E402
 
 
@@ -61,6 +62,11 @@ def _clip(path, sr, seconds, channels=1, seed=0, subtype=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, x.T, sr, subtype=subtype)
     return path
+
+
+def _outputs(d):
+    """Names of the outputs in ``d`` (not the hidden record of how they were made)."""
+    return sorted(p.name for p in d.iterdir() if not p.name.startswith("."))
 
 
 def test_roundtrip_restores_length_rate_channels(tmp_path, model):
@@ -168,12 +174,12 @@ def test_bad_files_reported_and_skipped(tmp_path, model):
         assert why in reasons[name], (name, reasons.get(name))
     assert "no such file" in reasons["missing.wav"] and "glob matched no files" in reasons["nomatch*.wav"]
     assert str(src / "nan.wav") in rep.summary()
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["good1.dac", "good2.dac"]
+    assert _outputs(tmp_path / "o") == ["good1.dac", "good2.dac"]
     # decode side: a corrupt .dac among good ones
     (tmp_path / "o" / "broken.dac").write_bytes(b"\x93NUMPY garbage")
     rep = decode_files([tmp_path / "o"], tmp_path / "dec", model, progress=False)
     assert [os.path.basename(f.path) for f in rep.failures] == ["broken.dac"]
-    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["good1.wav", "good2.wav"]
+    assert _outputs(tmp_path / "dec") == ["good1.wav", "good2.wav"]
 
 
 def test_resume_skips_complete_outputs_and_overwrite_redoes(tmp_path, model):
@@ -182,7 +188,7 @@ def test_resume_skips_complete_outputs_and_overwrite_redoes(tmp_path, model):
     _clip(src / "b.wav", 16000, 0.3, seed=2)
     rep = encode_files([src], tmp_path / "o", model, progress=False)
     assert len(rep.done) == 2
-    outs = sorted((tmp_path / "o").iterdir())
+    outs = [tmp_path / "o" / n for n in _outputs(tmp_path / "o")]
     mt = {p.name: p.stat().st_mtime_ns for p in outs}
     # a leftover temp file from a killed run is cleaned up, never taken for an output
     leftover = tmp_path / "o" / f"{aio.TMP_PREFIX}{aio._HOST}-999999999-c.x.dac"
@@ -191,7 +197,7 @@ def test_resume_skips_complete_outputs_and_overwrite_redoes(tmp_path, model):
     rep = encode_files([src], tmp_path / "o", counted, progress=False)
     assert rep.ok and len(rep.skipped) == 2 and not rep.done and counted.encode_calls == 0
     assert not leftover.exists()
-    assert {p.name: p.stat().st_mtime_ns for p in sorted((tmp_path / "o").iterdir())} == mt
+    assert {p.name: p.stat().st_mtime_ns for p in outs} == mt
     time.sleep(0.01)
     rep = encode_files([src], tmp_path / "o", model, overwrite=True, progress=False)
     assert len(rep.done) == 2
@@ -211,7 +217,7 @@ def test_npy_format_encode_and_decode(tmp_path, model):
     assert codes.dtype == np.uint16 and codes.shape[:2] == (2, 4)
     f = load_any(tmp_path / "o" / "x.json")
     assert f.sample_rate == 22050 and f.extra["hop_length"] == 320
-    rep = encode_files([tmp_path / "in"], tmp_path / "o", model, format="npy", progress=False)
+    rep = encode_files([tmp_path / "in"], tmp_path / "o", model, format="npy", n_quantizers=4, progress=False)
     assert len(rep.skipped) == 1
     rep = decode_files([tmp_path / "o"], tmp_path / "d", model, format="flac", progress=False)
     assert rep.ok
@@ -267,19 +273,29 @@ def test_load_model_dispatch(tmp_path, monkeypatch, capsys):
             return cls(("original", str(path)))
 
     monkeypatch.setattr(B, "_dac_model_class", lambda: Fake)
-    assert B.load_model("24khz", seed=3).how == ("preset", "24khz", 3)
-    assert "RANDOM weights" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="RANDOM weights") as rec:
+        assert B.load_model("24khz", seed=3).how == ("preset", "24khz", 3)
+    assert "--" not in str(rec[0].message)  # no CLI advice from the Python API
+    assert capsys.readouterr().err == ""
     (tmp_path / "ckpt").mkdir()
     assert B.load_model(tmp_path / "ckpt").how == ("pretrained", str(tmp_path / "ckpt"))
     (tmp_path / "w.pth").write_bytes(b"x")
     assert B.load_model(str(tmp_path / "w.pth")).how == ("original", str(tmp_path / "w.pth"))
     assert B.load_model("descript/dac_16khz").how == ("pretrained", "descript/dac_16khz")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(B.UserError, match="does not exist") as ei:
         B.load_model(str(tmp_path / "missing.pth"))
+    assert ei.value.argument == "model"
     m = B.load_model("44khz", dtype="bfloat16", quiet=True)
     assert m.w.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         B.load_model("44khz", dtype="int3", quiet=True)
+
+
+def test_unloadable_checkpoint_is_a_user_error(tmp_path):
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="cannot load model") as ei:
+        load_model(tmp_path / "broken.pth")
+    assert ei.value.argument == "model"
 
 
 def test_decode_original_chunked_dac(tmp_path, model):
@@ -296,3 +312,148 @@ def test_decode_original_chunked_dac(tmp_path, model):
     assert rep.ok, rep.summary()
     info = sf.info(str(tmp_path / "d" / "orig.wav"))
     assert (info.samplerate, info.channels, info.frames) == (22050, 2, 13000)
+
+
+def test_resume_trusts_only_outputs_it_can_vouch_for(tmp_path, model):
+    """A truncated output, a changed source and an unrecorded output are redone; outputs of another
+    setup (n_quantizers, weights) stop the run before anything is written; overwrite redoes them."""
+    src = tmp_path / "in"
+    for i, name in enumerate("abc"):
+        _clip(src / f"{name}.wav", 16000, 0.1 + 0.03 * i, seed=i)
+    out = tmp_path / "o"
+    rep = encode_files([src], out, model, progress=False)
+    assert len(rep.done) == 3
+    good = {n: DacFile.load(out / n).codes for n in _outputs(out)}
+    raw = (out / "a.dac").read_bytes()
+    (out / "a.dac").write_bytes(raw[: len(raw) // 2])  # truncated (e.g. a copy cut short)
+    time.sleep(0.01)
+    _clip(src / "b.wav", 16000, 0.2, seed=7)  # the source changed since
+    lines = (out / ".dac-fast-outputs.jsonl").read_text().splitlines()
+    (out / ".dac-fast-outputs.jsonl").write_text("\n".join(l for l in lines if '"c.dac"' not in l) + "\n")
+    rep = encode_files([src], out, model, progress=False)
+    assert rep.ok, rep.summary()
+    why = {os.path.basename(f.path): f.reason for f in rep.redone}
+    assert set(why) == {"a.wav", "b.wav", "c.wav"} and not rep.skipped
+    assert "changed size" in why["a.wav"] and "source changed" in why["b.wav"] and "nothing records" in why["c.wav"]
+    np.testing.assert_array_equal(DacFile.load(out / "a.dac").codes, good["a.dac"])
+    assert DacFile.load(out / "b.dac").frames == math.ceil(0.2 * 16000 / 320)
+    # another setup: refused, nothing touched
+    before = {n: (out / n).stat().st_mtime_ns for n in _outputs(out)}
+    with pytest.raises(UserError, match=r"n_quantizers: None then, 4 now") as ei:
+        encode_files([src], out, model, n_quantizers=4, progress=False)
+    assert ei.value.argument == "output_dir"
+    other = CountingModel(load_model("16khz", seed=1, quiet=True))
+    with pytest.raises(UserError, match="different setup"):
+        encode_files([src], out, other, progress=False)
+    assert {n: (out / n).stat().st_mtime_ns for n in _outputs(out)} == before and other.encode_calls == 0
+    rep = encode_files([src], out, model, n_quantizers=4, overwrite=True, progress=False)
+    assert len(rep.done) == 3 and DacFile.load(out / "c.dac").n_codebooks == 4
+    assert len(encode_files([src], out, model, n_quantizers=4, progress=False).skipped) == 3
+    # decoded audio: a truncated output is redone
+    dec = tmp_path / "dec"
+    decode_files([out], dec, model, progress=False)
+    raw = (dec / "a.wav").read_bytes()
+    (dec / "a.wav").write_bytes(raw[:-100])
+    rep = decode_files([out], dec, model, progress=False)
+    assert [os.path.basename(f.path) for f in rep.redone] == ["a.dac"] and len(rep.skipped) == 2
+    assert sf.info(str(dec / "a.wav")).frames == sf.info(str(src / "a.wav")).frames
+
+
+class ConfigOnly:
+    """A model that has a config and nothing else: any attempt to run it fails the test."""
+
+    def __init__(self, preset):
+        self.config = DacConfig.from_preset(preset)
+
+    def encode(self, *a, **k):
+        raise AssertionError("must not run")
+
+    decode = encode
+
+    def parameters(self):
+        return iter([])
+
+    def eval(self):
+        return self
+
+
+def test_decode_refuses_codes_of_another_model(tmp_path, model):
+    _clip(tmp_path / "in" / "x.wav", 22050, 0.5, seed=1)
+    _clip(tmp_path / "in" / "y.wav", 44100, 0.4, 2, seed=2)
+    encode_files([tmp_path / "in"], tmp_path / "c", model, n_quantizers=4, progress=False)
+    for preset, why in (("24khz", "the model makes 75.0 frames/s"), ("44khz", "the model makes 86.1 frames/s")):
+        rep = decode_files([tmp_path / "c"], tmp_path / f"d{preset}", ConfigOnly(preset), progress=False)
+        assert not rep.ok and not rep.done and len(rep.failures) == 2
+        assert all(why in f.reason and "encoded by another model" in f.reason for f in rep.failures), rep.summary()
+    # more codebooks than the model has: refused whatever the frame rate
+    f = DacFile.load(tmp_path / "c" / "x.dac")
+    DacFile(codes=np.concatenate([f.codes] * 3, 1), input_db=f.input_db, original_length=f.original_length,
+            sample_rate=f.sample_rate, chunk_length=f.chunk_length, channels=f.channels).save(tmp_path / "c12" / "x.dac")
+    rep = decode_files([tmp_path / "c12"], tmp_path / "d44", ConfigOnly("44khz"), progress=False)
+    assert [f.reason for f in rep.failures] == ["has 12 codebooks, the model has 9"]
+
+
+def test_nothing_to_do_is_not_success(tmp_path, model):
+    (tmp_path / "empty").mkdir()
+    rep = encode_files([tmp_path / "empty"], tmp_path / "o", ConfigOnly("16khz"), progress=False)
+    assert not rep.ok and "no files" in rep.failures[0].reason
+    _clip(tmp_path / "audio" / "a.wav", 16000, 0.2)
+    encode_files([tmp_path / "audio"], tmp_path / "codes", model, progress=False)
+    (tmp_path / "codes" / "notes.txt").write_text("x")
+    rep = encode_files([tmp_path / "codes"], tmp_path / "o", ConfigOnly("16khz"), progress=False)
+    assert not rep.ok and "it holds 1 .dac, 1 .txt" in rep.failures[0].reason, rep.failures
+    rep = decode_files([tmp_path / "audio"], tmp_path / "o", ConfigOnly("16khz"), progress=False)
+    assert not rep.ok and rep.failures[0].path == str(tmp_path / "audio")
+    assert "no .dac/.json files found (it holds 1 .wav)" in rep.failures[0].reason
+
+
+def test_bad_arguments_and_output_dir_fail_before_the_model_loads(tmp_path, monkeypatch):
+    import dac_fast.batch as B
+
+    def no_model():
+        raise AssertionError("the model must not be built")
+
+    monkeypatch.setattr(B, "_dac_model_class", no_model)
+    _clip(tmp_path / "in" / "a.wav", 16000, 0.2)
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (dict(output_dir=tmp_path / "file"), "output_dir", "exists and is not a directory"),
+        (dict(output_dir=tmp_path / "file" / "sub"), "output_dir", "cannot write to"),
+        (dict(n_quantizers=13), "n_quantizers", "must be in 1..12"),
+        (dict(n_quantizers=0), "n_quantizers", "must be in"),
+        (dict(batch_size=0), "batch_size", "must be >= 1"),
+        (dict(format="mp3"), "format", "must be one of"),
+        (dict(dtype="int8"), "dtype", "unknown dtype"),
+    ]
+    for kw, arg, msg in cases:
+        kw = {"output_dir": tmp_path / "o", **kw}
+        with pytest.raises(UserError, match=msg) as ei:
+            encode_files([tmp_path / "in"], kw.pop("output_dir"), "16khz", progress=False, **kw)
+        assert ei.value.argument == arg
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available") as ei:
+            encode_files([tmp_path / "in"], tmp_path / "o", "16khz", device="cuda", progress=False)
+        assert ei.value.argument == "device"
+
+
+def test_summary_gives_rates_only_for_real_work(tmp_path, model):
+    _clip(tmp_path / "in" / "tiny.wav", 16000, 0.004)
+    rep = encode_files([tmp_path / "in"], tmp_path / "o", model, progress=False)
+    assert rep.ok and "RTF" not in rep.summary() and "x real time" not in rep.summary()
+    rep = encode_files([tmp_path / "in"], tmp_path / "o", model, progress=False)
+    assert "RTF" not in rep.summary() and "1 skipped" in rep.summary()
+    from dac_fast.batch import Report
+
+    r = Report("encode", done=[("a", "b")], audio_seconds=30.0, wall_seconds=3.0)
+    assert "RTF 0.1000" in r.summary() and "10.00x real time" in r.summary()
+
+
+def test_decode_subtype(tmp_path, model):
+    _clip(tmp_path / "in" / "a.wav", 16000, 0.2)
+    encode_files([tmp_path / "in"], tmp_path / "c", model, progress=False)
+    for subtype, fmt, expect in (("pcm24", "flac", "PCM_24"), ("float", "wav", "FLOAT")):
+        out = tmp_path / f"d_{subtype}_{fmt}"
+        assert decode_files([tmp_path / "c"], out, model, format=fmt, subtype=subtype, progress=False).ok
+        assert sf.info(str(out / f"a.{fmt}")).subtype == expect
+    with pytest.raises(UserError, match="need --format wav"):
+        decode_files([tmp_path / "c"], tmp_path / "x", model, format="flac", subtype="float")
