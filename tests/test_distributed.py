@@ -22,6 +22,7 @@ from dac_fast.dacfile import DacFile  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 MODEL = "16khz"
+ENC = "enc_fault"  # encoder fault-injection token: paths with enc_fault_once / _always / _hang, model _init
 
 
 def _write(path, sr, dur, ch, f0, rng, subtype=None):
@@ -34,9 +35,8 @@ def _write(path, sr, dur, ch, f0, rng, subtype=None):
 def ray_local():
     if ray.is_initialized():
         ray.shutdown()
-    import os
-
     os.environ[dist.CRASH_ENV] = "crash_me"  # inherited by the local Ray's workers
+    os.environ[dist.ENCODER_CRASH_ENV] = ENC
     ray.init(num_cpus=2, include_dashboard=False, runtime_env=dist.worker_runtime_env(), log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
