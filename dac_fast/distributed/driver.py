@@ -154,8 +154,6 @@ def encode_dataset(
         # with a path list we know every input and list those of dropped blocks as lost; for a
         # user Dataset we do not, so a block Ray gives up on fails the run (resume continues it)
         ctx.max_errored_blocks = max_errored_blocks if not isinstance(inputs, ray.data.Dataset) else 0
-        if hasattr(ctx, "max_consecutive_actor_init_deaths"):  # Ray Data's limit (newer Ray)
-            ctx.max_consecutive_actor_init_deaths = max_task_retries
         if progress is not None:
             ctx.enable_progress_bars = bool(progress)
 
@@ -366,14 +364,21 @@ def _record(block: dict, report: Report, seen: set) -> None:
 
 
 def _stop(ray, ds, ledger) -> None:
-    """Stop a pipeline the driver gives up on: shut Ray Data's executor down (internal API, best
-    effort) and kill the encoder actors, so a Ray session the caller owns gets its CPUs/GPUs back."""
-    executor = getattr(ds, "_current_executor", None)
-    try:
-        if executor is not None:
-            executor.shutdown(force=True)
+    """Stop a pipeline the driver gives up on, so a Ray session the caller owns gets its CPUs/GPUs
+    back: shut Ray Data's executor down (found through internals: best effort) and kill the
+    encoder actors (an actor stuck in native code ignores everything else)."""
+    executors = [getattr(ds, "_current_executor", None)]  # set once the first block has arrived
+    try:  # before that, only its thread (named after the dataset run) knows it
+        name = f"StreamingExecutor-{ds.get_dataset_id()}"
+        executors += [t for t in threading.enumerate() if t.name == name]
     except Exception:
         pass
+    for executor in executors:
+        try:
+            if executor is not None:
+                executor.shutdown(force=True)
+        except Exception:
+            pass
     try:
         for handle in ray.get(ledger.actor_handles.remote(), timeout=30):
             ray.kill(handle, no_restart=True)
@@ -383,11 +388,10 @@ def _stop(ray, ds, ledger) -> None:
 
 def _describe(exc: BaseException) -> str:
     """One line for a Ray error (Ray's messages carry tracebacks and worker log hints)."""
-    text = str(exc).strip().splitlines()
-    head = next((line.strip() for line in text if line.strip()), "")
-    if "creation task" in str(exc) or "__init__" in str(exc):
-        head = ("encoder actors kept dying while starting (loading the model): " + head)
-    return f"{type(exc).__name__}: {head}"[:500]
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "creation task" in str(exc) and lines:  # the constructor raised: its exception is the last line
+        return f"encoder actors could not start: {lines[-1]}"[:500]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:500]
 
 
 def _finish(output: Path, report: Report, prev_errors: dict, attempted, seen: set, unseen_reason) -> None:

@@ -113,12 +113,14 @@ class Reader:
 # stage 2: encode (actor pool; the model is loaded once per actor)
 # ----------------------------------------------------------------------------------------------
 class AttemptLedger:
-    """One small actor per run (driver-owned, no CPU): how often each batch was started by an encoder
-    without finishing, across actor restarts, and the encoder actors that ever started.
+    """One small actor per run (driver-owned, no CPU): how often each batch, and each encoder actor's
+    constructor, was started without finishing, across actor restarts; and the encoder actors.
 
     Ray restarts a dead encoder actor and re-submits every task that was queued on it; only the
     batch that was running when it died counts an attempt here, so a poison input costs its own
-    batch (after ``max_task_retries`` retries), never the batches queued behind it."""
+    batch (after ``max_task_retries`` retries), never the batches queued behind it. Ray restarts
+    an actor whose process dies in its constructor without limit too: the constructor counts its
+    own attempts here and gives up with an exception, which stops the job."""
 
     def __init__(self):
         self.unfinished: dict[str, int] = {}
@@ -163,6 +165,8 @@ class Encoder:
 
     def __init__(self, model, device=None, dtype=None, seed=0, n_quantizers=None, tile_frames=None, threads=None,
                  ledger=None, max_task_retries=3):
+        self.ledger, self.max_attempts = ledger, 1 + int(max_task_retries)
+        constructor_key = self._start_constructor()
         if _encoder_fault(str(model), ("init",)):
             os._exit(1)
         import torch
@@ -188,12 +192,24 @@ class Encoder:
         self.kw = {}
         if tile_frames is not None and _accepts(self.model.encode, "tile_frames"):
             self.kw["tile_frames"] = int(tile_frames)
-        self.ledger, self.max_attempts = ledger, 1 + int(max_task_retries)
-        if ledger is not None:
-            import ray
+        self._ledger_call("finish", constructor_key)
 
-            ctx = ray.get_runtime_context()
-            ray.get(ledger.register.remote(ctx.get_actor_id(), ctx.current_actor))
+    def _start_constructor(self) -> str | None:
+        """Register this actor with the ledger; raise when its constructor already died
+        ``max_task_retries + 1`` times in a row (e.g. the process is killed loading the model)."""
+        if self.ledger is None:
+            return None
+        import ray
+
+        ctx = ray.get_runtime_context()
+        actor_id = ctx.get_actor_id()
+        ray.get(self.ledger.register.remote(actor_id, ctx.current_actor))
+        key = f"constructor of {actor_id}"
+        attempt = self._ledger_call("start", key)
+        if attempt > self.max_attempts:
+            raise RuntimeError(f"an encoder actor's process died {attempt - 1} times while starting (loading the "
+                               "model); see the Ray worker logs")
+        return key
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["path"])
@@ -202,7 +218,8 @@ class Encoder:
         key = batch_key(batch["path"])
         attempt = self._ledger_call("start", key) or 1
         if attempt > self.max_attempts:  # its earlier attempts killed the worker: give it up
-            reason = (f"lost: its encoder worker died on it {attempt - 1} times (a crash in the model on this "
+            deaths = attempt - 1
+            reason = (f"lost: its encoder worker died on it {deaths} time{'s' * (deaths != 1)} (a crash on this "
                       "input?); re-run to retry")
             errors = [e or reason for e in errors]
         else:
@@ -238,8 +255,8 @@ class Encoder:
         return encode_rows(self.model, rows, [frames] * len(rows), self.hop, self.device, self.dtype, self.nq,
                            **self.kw)
 
-    def _ledger_call(self, method: str, key: str):
-        if self.ledger is None:
+    def _ledger_call(self, method: str, key: str | None):
+        if self.ledger is None or key is None:
             return None
         import ray
 
