@@ -272,6 +272,29 @@ def test_stall_watchdog_stops_a_hung_job(ray_local, tmp_path):
 
 
 @pytest.mark.timeout(240)
+def test_interrupt_writes_manifest_and_errors(ray_local, tmp_path):
+    """Ctrl-C while a job runs: KeyboardInterrupt passes through after manifest and errors are written
+    (what did not complete is listed as interrupted); the stuck actor is killed."""
+    import _thread
+    import threading
+
+    d = tmp_path / "in"
+    paths = _inputs(d, [f"{ENC}_hang.wav"])
+    out = tmp_path / "codes"
+    timer = threading.Timer(8.0, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            dist.encode_dataset([str(d)], out, model=MODEL, batch_size=1, concurrency=1, progress=False)
+    finally:
+        timer.cancel()
+    assert dist.read_manifest(out) == [] and (out / dist.MANIFEST).exists()
+    errs = dist.read_errors(out)
+    assert [e["path"] for e in errs] == paths and errs[0]["reason"].startswith("interrupted")
+    assert ray.get(ray.remote(lambda: 1).options(num_cpus=2).remote(), timeout=60) == 1
+
+
+@pytest.mark.timeout(240)
 def test_encoder_dying_while_starting_stops_the_job(ray_local, tmp_path):
     """Encoder actors that die in their constructor every time: a clear error, not a hang."""
     from dac_fast.configuration import DacConfig
