@@ -153,6 +153,12 @@ def test_bad_arguments(ray_local, tmp_path):
         dist.encode_dataset([str(tmp_path)], tmp_path / "o", model=MODEL, concurrency=2, num_cpus_per_worker=1)
     with pytest.raises(ValueError, match="GPU"):
         dist.encode_dataset([str(tmp_path)], tmp_path / "o", model=MODEL, num_gpus_per_worker=1)
+    with pytest.raises(ValueError, match="stall_timeout"):
+        dist.encode_dataset([str(tmp_path)], tmp_path / "o", model=MODEL, stall_timeout=0)
+    with pytest.raises(ValueError, match="max_task_retries"):
+        dist.encode_dataset([str(tmp_path)], tmp_path / "o", model=MODEL, max_task_retries=-1)
+    assert dist.run_from_cli(_cli_args(str(tmp_path), "-o", str(tmp_path / "o"), "--ray",
+                                       "--ray-stall-timeout", "0")) == 2
     # nothing to do: a missing input is an error row, not an exception
     rep = dist.encode_dataset([str(tmp_path / "missing.wav")], tmp_path / "o", model=MODEL, progress=False)
     assert [f.reason for f in rep.failures] == ["no such file or directory"]

@@ -143,9 +143,7 @@ def encode_dataset(
         ray.init(address=address, runtime_env=worker_runtime_env(runtime_env, local=address in (None, "local")),
                  include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
         started = True
-    ds = ledger = None
-    attempted: list[str] | None = None
-    seen: set[str] = set()
+    ledger = None
     try:
         gpus = float(num_gpus_per_worker or 0)
         cpus = num_cpus_per_worker if num_cpus_per_worker is not None else (1.0 if gpus > 0 else 0.5)
@@ -158,11 +156,16 @@ def encode_dataset(
             ctx.enable_progress_bars = bool(progress)
 
         ds, attempted = _input_dataset(ray, inputs, output, write_dac, files_per_block, report)
-        if ds is None:  # nothing left to do
+        seen: set[str] = set()
+
+        def finish(unseen_reason):
             report.wall_seconds = time.perf_counter() - t0
-            _finish(output, report, prev_errors, attempted, seen, None)
+            _finish(output, report, prev_errors, attempted, seen, unseen_reason)
+
+        if ds is None:  # nothing left to do
+            finish(None)
             return report
-        ledger = ray.remote(num_cpus=0)(AttemptLedger).remote()
+        ledger = _start_ledger(ray)
         ds = _call(ds.map, Reader(sr, hop, normalize_db, audio_column), dict(num_cpus=read_num_cpus),
                    dict(max_retries=max_retries))
         ds = _encode_stage(ray, ds, spec, batch_size, concurrency, gpus, cpus, device, dtype, seed, n_quantizers,
@@ -170,37 +173,55 @@ def encode_dataset(
         ds = _call(ds.map_batches, Writer(str(output), write_dac),
                    dict(batch_size=files_per_shard or batch_size, batch_format="numpy", num_cpus=0.25),
                    dict(max_retries=max_retries))
-        try:
-            _collect(ds, stall_timeout, lambda rows: _record(rows, report, seen))
-        except _Stalled:
-            _stop(ray, ds, ledger)
-            stalled = f"no block completed for {stall_timeout:g} s (stall timeout); the job was stopped"
-            _finish(output, report, prev_errors, attempted, seen, f"lost: {stalled}; re-run to retry")
-            if attempted is None:  # a user Dataset: what remains is unknown
-                raise EncodeStopped(f"{stalled} after {len(seen)} inputs; manifest.parquet and errors.parquet are "
-                                    "written; re-run to continue") from None
-            report.wall_seconds = time.perf_counter() - t0
-            return report
-        except KeyboardInterrupt:
-            _stop(ray, ds, ledger)
-            _finish(output, report, prev_errors, attempted, seen,
-                    "interrupted before it completed; re-run to continue")
-            raise
-        except Exception as exc:  # Ray gave up (e.g. encoder actors keep dying while loading the model)
-            _stop(ray, ds, ledger)
-            why = _describe(exc)
-            _finish(output, report, prev_errors, attempted, seen, f"lost: the job stopped: {why}")
-            raise EncodeStopped(f"the Ray job stopped: {why}. manifest.parquet and errors.parquet are written; "
-                                "re-run to continue") from exc
+        _watch(ray, ds, ledger, stall_timeout, lambda rows: _record(rows, report, seen), finish,
+               user_dataset=attempted is None)
+        return report
     finally:
         if ledger is not None:
             ray.kill(ledger)
         if started:
             ray.shutdown()
 
-    report.wall_seconds = time.perf_counter() - t0
-    _finish(output, report, prev_errors, attempted if attempted is not None else list(seen), seen, LOST)
-    return report
+
+def _start_ledger(ray):
+    """The run's stages.AttemptLedger, preferably on the driver's node (which the job cannot outlive)."""
+    ledger = ray.remote(num_cpus=0)(AttemptLedger)
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = ray.get_runtime_context().get_node_id()
+        ledger = ledger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True))
+    except Exception:  # e.g. Ray Client, where the driver is not a node: Ray's default placement
+        pass
+    return ledger.remote()
+
+
+def _watch(ray, ds, ledger, stall_timeout: float, on_rows, finish, user_dataset: bool) -> None:
+    """Run the pipeline to its end under the stall watchdog, then ``finish(reason for the inputs
+    that never came back)`` -- also when it stalls, fails or is interrupted, after stopping it.
+    Raises EncodeStopped when Ray gave up, or on a stall with a user Dataset (its remaining inputs
+    are unknown); KeyboardInterrupt passes through."""
+    try:
+        _collect(ds, stall_timeout, on_rows)
+    except _Stalled:
+        _stop(ray, ds, ledger)
+        stalled = f"no block completed for {stall_timeout:g} s (stall timeout); the job was stopped"
+        finish(f"lost: {stalled}; re-run to retry")
+        if user_dataset:
+            raise EncodeStopped(f"{stalled}; manifest.parquet and errors.parquet are written; "
+                                "re-run to continue") from None
+        return
+    except KeyboardInterrupt:
+        _stop(ray, ds, ledger)
+        finish("interrupted before it completed; re-run to continue")
+        raise
+    except Exception as exc:  # Ray gave up (e.g. encoder actors keep dying while loading the model)
+        _stop(ray, ds, ledger)
+        why = _describe(exc)
+        finish(f"lost: the job stopped: {why}")
+        raise EncodeStopped(f"the Ray job stopped: {why}. manifest.parquet and errors.parquet are written; "
+                            "re-run to continue") from exc
+    finish(LOST)
 
 
 def _prepare_output(output: Path, model, seed, dtype, n_quantizers, normalize_db):
