@@ -35,10 +35,10 @@ def prep_cost(files, model_rate: int, hop: int) -> float:
     import soundfile as sf
     import torch
 
-    from dac_fast.distributed import _Reader
+    from dac_fast.distributed.stages import Reader
 
     torch.set_num_threads(1)
-    reader = _Reader(model_rate, hop, -16.0)
+    reader = Reader(model_rate, hop, -16.0)
     audio_s, t = 0.0, time.perf_counter()
     for f in files:
         out = reader({"path": str(f)})
@@ -67,7 +67,7 @@ def main(argv=None):
 
     from bench_files import make_corpus
     from dac_fast.batch import encode_files, load_model, model_rate_and_hop
-    from dac_fast.cli import tune_allocator
+    from dac_fast.runtime import tune_allocator
     from dac_fast.distributed import encode_dataset, worker_runtime_env
 
     tune_allocator()

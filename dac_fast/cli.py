@@ -17,6 +17,7 @@ import sys
 import textwrap
 
 from .configuration import PRESETS
+from .runtime import tune_allocator
 
 PRESET_NAMES = tuple(PRESETS)
 
@@ -51,27 +52,6 @@ DECODE_EXAMPLES = textwrap.dedent(
     not fit the model are refused (listed as failed). Re-running skips complete outputs (as encode).
     """
 )
-
-
-def tune_allocator() -> bool:
-    """Keep glibc from mmapping/unmapping every large temporary (see FACTS.md: CPU page-fault cost).
-
-    Sets M_MMAP_MAX=0 and M_TRIM_THRESHOLD=2**31-1 with mallopt. glibc only; a no-op elsewhere.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-        import platform
-
-        if platform.libc_ver()[0] != "glibc":
-            return False
-        libc = ctypes.CDLL("libc.so.6")
-        ok1 = libc.mallopt(-4, 0)  # M_MMAP_MAX
-        ok2 = libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
-        return bool(ok1 and ok2)
-    except Exception:
-        return False
 
 
 def _version() -> str:

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from .batch import decode_files, encode_files, load_model
-    from .cli import tune_allocator
+    from .runtime import tune_allocator
 
     tune_allocator()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dac_fast_demo_"))
