@@ -18,6 +18,7 @@ import numpy as np
 from .. import io as aio
 from ..batch import encoded_output
 from ..dacfile import DacFile
+from ..runner import run_with_fallback
 from .schema import DAC_DIR, SHARDS_DIR, shard_table
 
 # Fault injection, tests only; the variables are read in the workers, so set them before Ray starts.
@@ -144,22 +145,6 @@ def batch_key(paths) -> str:
     return hashlib.sha1("\0".join(sorted(str(p) for p in paths)).encode()).hexdigest()
 
 
-def encode_with_fallback(encode, items: list):
-    """Run ``encode(items) -> results`` on the whole group; if it raises, retry the items one by
-    one so only the culprit fails. Yields ``(item, result, None)`` or ``(item, None, reason)``.
-    (dac_fast.batch's local path does the same inside its _run.)"""
-    try:
-        results = encode(items)
-    except Exception as exc:
-        if len(items) == 1:
-            yield items[0], None, f"model failed: {type(exc).__name__}: {exc}"[:500]
-            return
-        for item in items:
-            yield from encode_with_fallback(encode, [item])
-        return
-    yield from ((item, res, None) for item, res in zip(items, results))
-
-
 class Encoder:
     """Batch function of the encoder actor pool: prepared audio -> codes (or an error per input)."""
 
@@ -230,12 +215,12 @@ class Encoder:
                     groups.setdefault(int(batch["frames"][i]), []).append(i)
             for frames, idx in groups.items():
                 t = time.perf_counter()
-                for i, res, error in encode_with_fallback(lambda items, f=frames: self._encode(batch, items, f), idx):
-                    if error:
-                        errors[i] = error
-                    else:
-                        codes[i] = np.ascontiguousarray(res.astype("<u2")).tobytes()
-                        n_codebooks[i] = int(res.shape[1])
+                def failed(i, exc):
+                    errors[i] = f"model failed: {type(exc).__name__}: {exc}"[:500]
+
+                for i, res in run_with_fallback(lambda items, f=frames: self._encode(batch, items, f), idx, failed):
+                    codes[i] = np.ascontiguousarray(res.astype("<u2")).tobytes()
+                    n_codebooks[i] = int(res.shape[1])
                 for i in idx:
                     seconds[i] = (time.perf_counter() - t) / len(idx)
             self._ledger_call("finish", key)
