@@ -177,7 +177,8 @@ def _rvq_exact_emulated(emu, z, in_w, in_b, codebook, out_w, out_b, n):
         indices = emu.rvq_argmax(enc, cbn, enc.pow(2).sum(1), cbn.pow(2).sum(1)).view(B, T)
         q = F.embedding(indices, codebook[i]).transpose(1, 2)
         out = F.conv1d(projected + (q - projected), out_w[i].unsqueeze(-1), out_b[i]).contiguous()
-        residual, quantized = emu.rvq_update(residual, out, quantized, i == 0, i < n - 1)
+        # at most 3 blocks: the grid-stride loop, and fewer emulated blocks to wait for
+        residual, quantized = emu.rvq_update(residual, out, quantized, i == 0, i < n - 1, 3)
         codes.append(indices)
         latents.append(projected)
     return torch.stack(codes, 1), quantized, torch.cat(latents, 1)
