@@ -132,8 +132,12 @@ def _extensions():
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     extra = {"cxx": cxx}
     libraries = ["gomp"] if sys.platform.startswith("linux") else []
+    # headers: rebuild when they change (the CUDA kernel bodies are in csrc/cuda/kernels.cuh, shared with
+    # the test-only emulation in csrc/emulation, which is never part of this extension)
+    depends = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "include", "*.h")))
     if want_cuda:
         sources.append("csrc/cuda/kernels.cu")
+        depends.append("csrc/cuda/kernels.cuh")
         include_dirs += _nvidia_pip_includes()
         define_macros.append(("DAC_FAST_WITH_CUDA", "1"))
         extra["nvcc"] = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr", "-std=" + cxx[1].split("=")[1],
@@ -144,6 +148,7 @@ def _extensions():
     ext = ext_cls(
         name="dac_fast._C",
         sources=sources,
+        depends=depends,
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,

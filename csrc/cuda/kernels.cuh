@@ -204,6 +204,16 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, SharedSlots smem) {
   return tot;
 }
 
+// one element of the backward: writes grad_x, returns the element's grad_alpha term
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t snake_bwd_element(scalar_t gv_, scalar_t xv_, acc_t al, acc_t inv, scalar_t& gx) {
+  const acc_t xv = static_cast<acc_t>(xv_), gv = static_cast<acc_t>(gv_);
+  acc_t s, co;
+  dsincos(snake_arg<acc_t>(al, xv), &s, &co);
+  gx = static_cast<scalar_t>(snake_grad_x<acc_t>(gv, al, s, co, inv));
+  return snake_grad_alpha_term<acc_t>(gv, xv, s, co, inv);
+}
+
 template <typename scalar_t>
 __global__ void snake_bwd_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
                                  const typename AccOf<scalar_t>::type* __restrict__ alpha, scalar_t* __restrict__ gx,
@@ -220,17 +230,41 @@ __global__ void snake_bwd_kernel(const scalar_t* __restrict__ g, const scalar_t*
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int64_t t = t_base + static_cast<int64_t>(j) * blockDim.x;
-      if (t < T) {
-        const int64_t idx = base + t;
-        const acc_t xv = static_cast<acc_t>(x[idx]);
-        const acc_t gv = static_cast<acc_t>(g[idx]);
-        acc_t s, co;
-        dsincos(snake_arg<acc_t>(al, xv), &s, &co);
-        gx[idx] = static_cast<scalar_t>(snake_grad_x<acc_t>(gv, al, s, co, inv));
-        part += snake_grad_alpha_term<acc_t>(gv, xv, s, co, inv);
-      }
+      if (t < T) part += snake_bwd_element<acc_t>(g[base + t], x[base + t], al, inv, gx[base + t]);
     }
     const acc_t tot = block_sum<acc_t>(part, smem);
+    if (threadIdx.x == 0) atomicAdd(galpha + c, tot);
+  }
+}
+
+// 16-bit backward with 128-bit loads and stores; the row layout of snake_fwd_pack_kernel
+template <typename scalar_t>
+__global__ void snake_bwd_pack_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
+                                      const float* __restrict__ alpha, scalar_t* __restrict__ gx, float* __restrict__ galpha,
+                                      int64_t rows, int64_t C, int64_t T) {
+  DAC_SHARED_ARRAY(float, smem, kThreads / kWarp);
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int64_t c = row % C;
+    const float al = alpha[c];
+    const float inv = snake_inv_alpha<float>(al);
+    const int64_t base = row * T;
+    const int64_t head = pack_head(x + base, T);
+    const int64_t packs = (T - head) / kPack;
+    const int64_t tail = head + packs * kPack;
+    float part = 0.0f;
+    if (tid < head) part += snake_bwd_element<float>(g[base + tid], x[base + tid], al, inv, gx[base + tid]);
+    if (tail + tid < T) part += snake_bwd_element<float>(g[base + tail + tid], x[base + tail + tid], al, inv, gx[base + tail + tid]);
+    for (int64_t p = tid; p < packs; p += stride) {
+      const int64_t idx = base + head + p * kPack;
+      const Pack8<scalar_t> gv = load_pack(g + idx), xv = load_pack(x + idx);
+      Pack8<scalar_t> out;
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) part += snake_bwd_element<float>(gv.v[k], xv.v[k], al, inv, out.v[k]);
+      store_pack(gx + idx, out);
+    }
+    const float tot = block_sum<float>(part, smem);
     if (threadIdx.x == 0) atomicAdd(galpha + c, tot);
   }
 }
@@ -435,16 +469,32 @@ inline void launch_snake_fwd(const SnakeArgs& a, const LaunchLimits& lim = {}) {
   });
 }
 
+template <typename scalar_t>
+void launch_snake_bwd_typed(const at::Tensor& g, const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& gx,
+                            const at::Tensor& galpha, const LaunchLimits& lim) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t C = x.size(1), T = x.size(2), rows = x.size(0) * C;
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const acc_t* al = alpha.const_data_ptr<acc_t>();
+  scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+  acc_t* gap = galpha.mutable_data_ptr<acc_t>();
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (packs_fit<scalar_t>(xp, {gp, gxp})) {
+      const int64_t per_row = std::min<int64_t>(ceil_div(ceil_div(T, kPack), kThreads), lim.max_blocks);
+      launch_kernel(row_launch(rows, per_row, lim), snake_bwd_pack_kernel<scalar_t>, gp, xp, al, gxp, gap, rows, C, T);
+      return;
+    }
+  }
+  launch_kernel(row_launch(rows, ceil_div(T, kThreads * kUnroll), lim), snake_bwd_kernel<scalar_t>, gp, xp, al, gxp, gap, rows,
+                C, T);
+}
+
 inline void launch_snake_bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& gx,
                              const at::Tensor& galpha, const LaunchLimits& lim = {}) {
   if (x.numel() == 0) return;
-  const int64_t C = x.size(1), T = x.size(2), rows = x.size(0) * C;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dac_fast_snake_bwd_cuda", [&] {
-    using acc_t = typename AccOf<scalar_t>::type;
-    launch_kernel(row_launch(rows, ceil_div(T, kThreads * kUnroll), lim), snake_bwd_kernel<scalar_t>,
-                  g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), alpha.const_data_ptr<acc_t>(),
-                  gx.mutable_data_ptr<scalar_t>(), galpha.mutable_data_ptr<acc_t>(), rows, C, T);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dac_fast_snake_bwd_cuda",
+                                  [&] { launch_snake_bwd_typed<scalar_t>(g, x, alpha, gx, galpha, lim); });
 }
 
 // codes[r] = argmax_k score(l2[r], enc[r] . cbn[k], cn2[k]); the similarity GEMM is the reference's (enc @ cbn^T)
