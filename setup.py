@@ -26,6 +26,7 @@ just-in-time build works from an installed wheel too.
 from __future__ import annotations
 
 import importlib.util
+import glob
 import json
 import os
 import shutil
@@ -102,16 +103,20 @@ def _extensions():
     sources = [os.path.join("csrc", s) for s in B.CPU_SOURCES]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
+    # headers: rebuild when they change (the CUDA kernel bodies are in csrc/cuda/kernels.cuh, shared with
+    # the test-only emulation in csrc/emulation, which is never part of this extension)
+    depends = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "include", "*.h")))
     extra = {"cxx": B.cxx_flags(torch.__version__)}
     if want_cuda:
         sources += [os.path.join("csrc", s) for s in B.CUDA_SOURCES]
+        depends.append("csrc/cuda/kernels.cuh")
         include_dirs += B.nvidia_pip_includes()
         define_macros.append(("DAC_FAST_WITH_CUDA", "1"))
         extra["nvcc"] = B.nvcc_flags(torch.__version__)
         ext_cls = cpp_extension.CUDAExtension
     else:
         ext_cls = cpp_extension.CppExtension
-    ext = ext_cls(name="dac_fast._C", sources=sources, include_dirs=include_dirs, define_macros=define_macros,
+    ext = ext_cls(name="dac_fast._C", sources=sources, depends=depends, include_dirs=include_dirs, define_macros=define_macros,
                   extra_compile_args=extra, extra_link_args=B.link_flags(), libraries=B.libraries())
     info = B.build_info("setup.py", want_cuda, torch.__version__, cuda_home if want_cuda else None)
 
