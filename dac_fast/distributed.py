@@ -75,7 +75,7 @@ def codes_from_row(row: dict) -> np.ndarray:
 
 def read_codes(output) -> dict:
     """``{path: codes (channels, n_codebooks, frames) uint16}`` for every completed input."""
-    import pyarrow.parquet as pq
+    pq = aio.require("pyarrow.parquet", "the Ray engine's Parquet shards")
 
     out = {}
     for shard in _shard_files(Path(output)):
@@ -88,7 +88,7 @@ def read_manifest(output) -> list[dict]:
     p = Path(output) / MANIFEST
     if not p.exists():
         return []
-    import pyarrow.parquet as pq
+    pq = aio.require("pyarrow.parquet", "the Ray engine's Parquet shards")
 
     return pq.read_table(p).to_pylist()
 
@@ -98,7 +98,7 @@ def read_errors(output) -> list[dict]:
     p = Path(output) / ERRORS
     if not p.exists():
         return []
-    import pyarrow.parquet as pq
+    pq = aio.require("pyarrow.parquet", "the Ray engine's Parquet shards")
 
     return pq.read_table(p).to_pylist()
 
@@ -112,7 +112,7 @@ def _shard_files(output: Path) -> list[Path]:
 
 def _completed(output: Path) -> dict:
     """Scan shards (only the small columns): ``{path: manifest row}``. Shards are atomic."""
-    import pyarrow.parquet as pq
+    pq = aio.require("pyarrow.parquet", "the Ray engine's Parquet shards")
 
     done = {}
     for shard in _shard_files(output):
@@ -271,8 +271,8 @@ class _Writer:
         self.output, self.write_dac, self.sr, self.hop = Path(output), write_dac, model_rate, hop
 
     def __call__(self, batch: dict) -> dict:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        pa = aio.require("pyarrow", "the Ray engine's Parquet shards")
+        pq = aio.require("pyarrow.parquet", "the Ray engine's Parquet shards")
 
         n = len(batch["path"])
         errors = [str(e) for e in batch["error"]]
@@ -436,8 +436,8 @@ def encode_dataset(
     ``max_errored_blocks``: blocks Ray may give up on (-1: any) -- their inputs are listed as
     lost in the errors table and retried by the next run.
     """
-    import ray
-    import ray.data
+    ray = aio.require("ray", "the Ray engine (--ray)")
+    aio.require("ray.data", "the Ray engine (--ray)")
 
     t0 = time.perf_counter()
     if batch_size < 1:
@@ -609,8 +609,8 @@ def _add_rel(row: dict) -> dict:
 
 def _finish(output: Path, done: dict, failures, report, prev_errors: dict, attempted):
     """Write manifest.parquet (all completed inputs) and errors.parquet (inputs not completed)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa = aio.require("pyarrow", "the Ray engine's Parquet shards")
+    pq = aio.require("pyarrow.parquet", "the Ray engine's Parquet shards")
 
     rows = sorted(done.values(), key=lambda r: r["path"])
     man = pa.table({
@@ -661,7 +661,7 @@ def run_from_cli(args) -> int:
     """
     import sys
 
-    import ray
+    ray = aio.require("ray", "the Ray engine (--ray)")
 
     if getattr(args, "overwrite", False):
         print("dac-fast: --overwrite is not supported with --ray (completed inputs are kept); "
