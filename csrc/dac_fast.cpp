@@ -180,6 +180,8 @@ std::tuple<Tensor, Tensor> snake_backward(const Tensor& grad_, const Tensor& x_,
   if (x.numel() > 0) {
     if (is_cuda(x)) {
 #ifdef DAC_FAST_WITH_CUDA
+      // grad_alpha's partial sums meet in atomicAdd, in whatever order the blocks finish
+      at::globalContext().alertNotDeterministic("dac_fast::snake_backward on CUDA (grad_alpha is summed with atomicAdd)");
       snake_bwd_cuda(g, x, al, gx, ga);
 #else
       no_cuda("snake_backward");
