@@ -126,9 +126,9 @@ step_detail() {  # the line that says how a step went: pytest's summary, the san
   local log="$1"
   local d
   d="$(grep -E '^=* ?[0-9]+ (passed|failed|skipped|error)|^=* ?no tests ran|ERROR SUMMARY|RACECHECK SUMMARY' "$log" 2>/dev/null \
-       | tail -n 2 | sed -E 's/=+//g; s/^ +| +$//g' | tr '\n|' '; /')"
-  [ -z "$d" ] && d="$(grep -v '^\s*$' "$log" 2>/dev/null | tail -n 1 | cut -c1-160 | tr '|' '/')"
-  echo "${d%; }"
+       | tail -n 2 | sed -E 's/=+//g; s/^ +| +$//g' | tr '|' '/' | paste -sd ';' - | sed 's/;/; /g')"
+  [ -z "$d" ] && d="$(grep -v -e '^\s*$' -e '^=== \[' "$log" 2>/dev/null | tail -n 1 | cut -c1-160 | tr '|' '/')"
+  echo "$d"
 }
 
 write_summary() {
@@ -199,7 +199,7 @@ skip_step() {  # skip_step NAME REASON
 run_step() {
   local name="$1"
   shift
-  local cap left log="$WORK/$name.log" start rc status secs
+  local cap left log="$WORK/$name.log" start rc status secs detail
   cap="$(cap_of "$name")"
   if [ $REHEARSE -eq 0 ]; then
     left=$((DEADLINE - $(date +%s) - PACK_RESERVE))
@@ -216,6 +216,7 @@ run_step() {
   timeout -k 5 "$cap" bash -c '"$@"' run_step "$@" >>"$log" 2>&1
   rc=$?
   secs=$(($(date +%s) - start))
+  detail="$(step_detail "$log")"
   if [ $rc -eq 0 ]; then
     status="pass"
   elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
@@ -226,7 +227,7 @@ run_step() {
     FAILED=1
   fi
   echo "=== [$name] $status in $secs s" >>"$log"
-  record "$name" "$(cap_of "$name")" "$status" "$secs" "$(step_detail "$log")"
+  record "$name" "$(cap_of "$name")" "$status" "$secs" "$detail"
   [ $rc -eq 0 ]
 }
 
@@ -322,7 +323,7 @@ ENV_LOG="$WORK/env.log"
 field() { sed -n "s/^$1: //p" "$ENV_LOG" | head -n 1; }
 CARD="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)"
 HEADER=(
-  "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+  "date: $(date -u -d "@$RUN_START" '+%Y-%m-%d %H:%M:%S UTC') (start); commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
   "card: ${CARD:-none}$([ -n "$CARD" ] && echo ' (name, driver, memory)')"
   "torch: $(field torch); python $(field python_version); $(field 'package transformers' | sed 's/^/transformers /')"
   "nvcc: $(field nvcc); compute-sanitizer: ${SANITIZER:-not found}; runtime: $(container_runtime); cores: $(nproc)"
@@ -353,12 +354,13 @@ if ! run_step build build_ext; then
 fi
 
 # ------------------------------------------------------------------------------------------ tests
-PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider)  # -p no:cacheprovider: nothing written into the tree
+# -v: a step cut by its cap still shows which tests ran; -p no:cacheprovider: nothing written into the tree
+PYTEST=("$PY" -m pytest -v -rfEs -p no:cacheprovider)
 run_step op_tests "${PYTEST[@]}" --junitxml="$WORK/op_tests.xml" tests/test_ops_cuda.py tests/test_op_devices.py -k "not model_cuda"
 run_step model_parity "${PYTEST[@]}" --junitxml="$WORK/model_parity.xml" tests/test_ops_cuda.py -k model_cuda
 if [ $REHEARSE -eq 1 ]; then
   run_step cpu_tests "${PYTEST[@]}" --junitxml="$WORK/cpu_tests.xml" tests/test_imports.py tests/test_op_devices.py \
-    tests/test_model.py::test_encode_decode_forward_match_transformers
+    "tests/test_model.py::test_encode_decode_forward_match_transformers[44khz]"
 fi
 
 # compute-sanitizer: the kernel tests only (no torch.compile, opcheck, gradcheck or 64-bit indexing: slow
