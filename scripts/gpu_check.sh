@@ -13,14 +13,14 @@
 # whole run's wall-clock budget including the build, and a step never runs past what is left of it:
 #
 #   step           cap   what
-#   env              5   card, driver, torch, transformers, nvcc, compute-sanitizer, container runtime (gVisor?)
+#   env             15   card, driver, torch, transformers, nvcc, compute-sanitizer, container runtime (gVisor?)
 #   build          130   dac_fast._C with CUDA kernels in place (DAC_FAST_BUILD=cuda, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16)
 #   op_tests        60   CUDA op tests: tests/test_ops_cuda.py (tests/test_ops.py on CUDA) + tests/test_op_devices.py
 #   model_parity    60   DacModel on the GPU vs transformers on the GPU, fp32, TF32 off: codes identical, decode close
 #   memcheck        60   compute-sanitizer memcheck over the kernel tests (--report-api-errors no)
 #   racecheck       35   compute-sanitizer racecheck over the kernel tests (--report-api-errors no)
 #   bench_kernels   35   benchmarks/bench_kernels.py on CUDA (no torch.compile column)
-#   bench_model    145   benchmarks/bench_model.py: 44khz forward, 10 s, batch 16 then 1; transformers eager,
+#   bench_model    135   benchmarks/bench_model.py: 44khz forward, 10 s, batch 16 then 1; transformers eager,
 #                        ours fp32 and bf16, then transformers + torch.compile; code agreement beside each figure
 #   (packing)     (10)   reserve for the last summary and log archive
 #                 ----
@@ -46,7 +46,7 @@ set -u -o pipefail
 
 TOTAL_BUDGET=540
 PACK_RESERVE=10
-DEVICE_CAPS="env:5 build:130 op_tests:60 model_parity:60 memcheck:60 racecheck:35 bench_kernels:35 bench_model:145"
+DEVICE_CAPS="env:15 build:130 op_tests:60 model_parity:60 memcheck:60 racecheck:35 bench_kernels:35 bench_model:135"
 REHEARSE_CAPS="venv:900 env:60 build:900 op_tests:180 model_parity:120 cpu_tests:420 memcheck:0 racecheck:0 bench_kernels:180 bench_model:300"
 REHEARSE_SPEC="torch==2.11.0 transformers==5.17.0 pytest ninja numpy"
 
@@ -408,7 +408,7 @@ if [ $REHEARSE -eq 1 ]; then
   MODEL_ARGS=(--device cpu --batch-sizes 1 --seconds 0.25 --warmup 0 --repeats 1 --isolation case)
 else
   KERNEL_ARGS=(--device cuda --repeats 10 --warmup 2 --no-compile)
-  MODEL_ARGS=(--device cuda --batch-sizes 16 1 --seconds 10 --warmup 1 --repeats 3 --compile --timeout 150)
+  MODEL_ARGS=(--device cuda --batch-sizes 16 1 --seconds 10 --warmup 1 --repeats 3 --compile --timeout 120)
 fi
 run_step bench_kernels "$PY" benchmarks/bench_kernels.py "${KERNEL_ARGS[@]}" --json "$WORK/bench_kernels.json" \
   --markdown "$WORK/bench_kernels.md"
