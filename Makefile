@@ -1,14 +1,18 @@
 # dac_fast task runner. Each public target sets up what it needs on a fresh clone.
 #   make demo   - encode + decode generated speech/music clips, print throughput
-#   make test   - the whole test suite (builds the extension, CUDA variant where nvcc is)
-#   make gpu-suite OUT=dir - on a CUDA machine with torch installed: build, tests, sanitizers, benchmarks
+#   make test   - the device check's rehearsal on the CPU, then the whole test suite (builds the extension,
+#                 CUDA variant where nvcc is)
+#   make gpu-check OUT=dir - on a lent GPU machine (torch installed, no network): the one device command
+#   make rehearse OUT=dir  - the device check's steps on this CPU machine, in a venv like the device's
 PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: setup build demo test bench gpu-suite clean
+REHEARSE_OUT ?= out/gpu_check_rehearsal
+
+.PHONY: setup build demo test bench gpu-check rehearse clean
 
 $(VENV)/.deps-stamp: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,15 +34,20 @@ build: setup
 demo: build
 	$(VPY) -m dac_fast.demo --out demo_out
 
-test: build
+# the rehearsal first, so that pytest's summary closes the output
+test: build rehearse
 	$(VPY) -m pytest -q -ra tests
 
 bench: build
 	$(VPY) benchmarks/bench_kernels.py
 	$(VPY) benchmarks/bench_model.py
 
-gpu-suite:
-	bash scripts/gpu_suite.sh $(or $(OUT),gpu_out)
+gpu-check:
+	bash scripts/gpu_check.sh $(or $(OUT),gpu_out)
+
+# python 3.12 venv with the device's torch/transformers, cached in ~/.cache/dac_fast (see the script's header)
+rehearse:
+	bash scripts/gpu_check.sh --rehearse $(or $(OUT),$(REHEARSE_OUT))
 
 clean:
 	rm -rf build dac_fast/_C*.so *.egg-info demo_out

@@ -165,10 +165,19 @@ def build_models(preset: str, seed: int, device: str, want_ours: bool, want_hf: 
 
 
 def make_audio(sr: int, seconds: float, batch: int, hop: int, seed: int = 0):
-    """(batch, 1, T) float32 numpy: a different non-trivial clip per batch item, T a multiple of hop."""
+    """(batch, 1, T) float32 numpy: a different non-trivial clip per batch item, T a multiple of hop.
+
+    The speech-like part needs scipy (formant filters); without it (as on the lent GPU machine) a noise-excited
+    chord stands in for it, and machine_info's ``audio`` field says which was used."""
     import numpy as np
 
     from dac_fast.demo import chord, drum, speech_like
+
+    if not _has_scipy():
+        def speech_like(sr, secs, seed):  # noqa: F811 - numpy-only stand-in, same level and length
+            rng = np.random.default_rng(seed)
+            n = int(sr * secs)
+            return 0.5 * chord(sr, secs, root=150, seed=seed) + 0.05 * rng.standard_normal(n)
 
     n = int(math.ceil(seconds * sr / hop)) * hop
     secs = n / sr
@@ -181,6 +190,12 @@ def make_audio(sr: int, seconds: float, batch: int, hop: int, seed: int = 0):
         x = np.pad(x, (0, n - x.size))
         out[b, 0] = (0.7 * x / (np.abs(x).max() + 1e-9)).astype(np.float32)
     return out
+
+
+def _has_scipy() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("scipy") is not None
 
 
 def prep_inputs(job: dict) -> dict:
@@ -361,6 +376,7 @@ def machine_info(device: str, threads: int) -> dict:
         "device": device,
         "libc": " ".join(platform.libc_ver()),
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "audio": "speech-like + chord + drums" if _has_scipy() else "noisy chord + chord + drums (no scipy)",
     }
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
@@ -529,6 +545,8 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measuring process")
     p.add_argument("--out", default=str(ROOT / "out" / "bench_model"), help="output directory")
     p.add_argument("--tag", default=None, help="output file name tag (default: <device>_<allocator>)")
+    p.add_argument("--markdown", default=None, help="also write the markdown table here")
+    p.add_argument("--json", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     if args.dtype and args.dtype not in args.dtypes:
         args.dtypes.append(args.dtype)
@@ -565,15 +583,22 @@ def main(argv=None) -> int:
                         cases.append((preset, op, b, seconds, args.warmup, args.repeats, "speed"))
 
     sides = [f"ours-{d}" if (len(args.dtypes) > 1 or d != "fp32") else "ours" for d in args.dtypes]
-    ref_sides = [] if args.no_reference else ["hf"] + (["hf-compile"] if args.compile else [])
+    ref_sides = [] if args.no_reference else ["hf"]
+    # transformers eager first (the reference of every comparison), torch.compile last (the slowest to set up:
+    # a run cut short loses the least)
+    compile_sides = ["hf-compile"] if args.compile and not args.no_reference else []
     info = machine_info(device, threads)
     info.update(allocator=allocator, allocator_setting=args.allocator, seed=args.seed, warmup=args.warmup,
                 repeats=args.repeats, tf32=args.tf32 if device == "cuda" else None, dtypes=args.dtypes,
                 isolation=("each side of each case in a fresh multiprocessing spawn child" if args.isolation == "side"
                            else "all sides of a case in one fresh spawn child, in table order"))
-    print(f"# device {device}, {threads} threads, {allocator}; {len(cases)} cases x sides {ref_sides + sides}",
+    print(f"# device {device}, {threads} threads, {allocator}; {len(cases)} cases x sides "
+          f"{ref_sides + sides + compile_sides}",
           flush=True)
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = args.tag or f"{device}_{args.allocator}" + ("_quick" if args.quick else "")
     records = []
     with tempfile.TemporaryDirectory(prefix="bench_model_") as tmp:
         for ci, (preset, op, batch, seconds, warmup, repeats, purpose) in enumerate(cases):
@@ -588,7 +613,7 @@ def main(argv=None) -> int:
                 continue
             audio_s = prep["samples"] / _sampling_rate(preset)
             case_recs, jobs = {}, []
-            for side in ref_sides + sides:
+            for side in ref_sides + sides + compile_sides:
                 dtype = side.split("-", 1)[1] if side.startswith("ours-") else "fp32"
                 w = max(warmup, 1) if side == "hf-compile" else warmup  # the compiling call is never timed
                 jobs.append(dict(base, side=side, dtype=dtype, warmup=w, repeats=repeats))
@@ -600,14 +625,10 @@ def main(argv=None) -> int:
                     results = in_child(run_sides_together, jobs, args.timeout)
                 except RuntimeError as e:
                     results = [("error", str(e))] * len(jobs)
+                done = zip(jobs, results)
             else:
-                results = []
-                for job in jobs:
-                    try:
-                        results.append(("ok", in_child(run_side, job, args.timeout)))
-                    except RuntimeError as e:
-                        results.append(("error", str(e)))
-            for job, (status, payload) in zip(jobs, results):
+                done = ((job, _run_isolated(job, args.timeout)) for job in jobs)
+            for job, (status, payload) in done:
                 rec = case_recs[job["side"]]
                 if status == "ok":
                     rec.update(payload)
@@ -615,49 +636,77 @@ def main(argv=None) -> int:
                 else:
                     rec["error"] = payload
                 records.append(rec)
-            for side, rec in case_recs.items():
-                if "error" in rec:
-                    print(f"  {preset} {op} B{batch} {seconds:g}s {side}: ERROR {rec['error'].splitlines()[0]}",
-                          flush=True)
-                    continue
-                if side != "hf" and "hf" in case_recs:
-                    rec.update(agreement(d, side))
-                for ref in ("hf", "hf-compile"):
-                    r = case_recs.get(ref)
-                    if side.startswith("ours") and r and "error" not in r:
-                        rec[f"speedup_vs_{ref.replace('-', '_')}"] = r["median_s"] / rec["median_s"]
-                        if ref == "hf" and r.get("peak_mem_bytes"):
-                            rec["mem_ratio_vs_hf"] = rec["peak_mem_bytes"] / r["peak_mem_bytes"]
-                extra = ""
-                if "speedup_vs_hf" in rec:
-                    extra += f" speedup {rec['speedup_vs_hf']:.2f}x"
-                if "code_agreement" in rec:
-                    extra += f" codes {100 * rec['code_agreement']:.2f}%"
-                if "audio_snr_db" in rec:
-                    extra += f" SNR {rec['audio_snr_db']:.1f} dB"
-                if rec.get("compile_s") is not None:
-                    extra += f" compile {rec['compile_s']:.1f}s"
-                if rec.get("loadavg_1min"):
-                    extra += " load {:.1f}->{:.1f}".format(*rec["loadavg_1min"])
-                print(f"  {preset} {op} B{batch} {seconds:g}s {side:10s} median {rec['median_s']:.3f}s "
-                      f"RTF {rec['rtf']:.2f} peak {_fmt_mem(rec.get('peak_mem_bytes'))} MiB{extra}", flush=True)
+                _compare_sides(case_recs, d)
+                _print_side(rec)
+                # rewritten after every side: a run cut short still leaves what it measured
+                write_outputs(records, info, out, tag, args)
 
     if hasattr(os, "getloadavg"):
         # A busy machine slows every side: compare loadavg with the thread count before trusting CPU numbers.
         info["loadavg_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or f"{device}_{args.allocator}" + ("_quick" if args.quick else "")
-    md = markdown(records, info)
+    md = write_outputs(records, info, out, tag, args)
     print()
     print(md)
-    (out / f"bench_model_{tag}.md").write_text(md)
-    (out / f"bench_model_{tag}.json").write_text(json.dumps({"machine": info, "records": records}, indent=1,
-                                                              default=str))
     msg = chart(records, info, out / f"bench_model_{tag}.png")
     print(msg or f"chart: {out / f'bench_model_{tag}.png'}")
     print(f"wrote {out / f'bench_model_{tag}.md'} and .json")
     return 1 if any("error" in r for r in records) else 0
+
+
+def _run_isolated(job: dict, timeout: float):
+    try:
+        return "ok", in_child(run_side, job, timeout)
+    except RuntimeError as e:
+        return "error", str(e)
+
+
+def _compare_sides(case_recs: dict, d: str) -> None:
+    """Agreement with transformers eager and speedups of ours over each reference side measured so far."""
+    hf = case_recs.get("hf")
+    for side, rec in case_recs.items():
+        if "median_s" not in rec or "error" in rec:
+            continue
+        if side != "hf" and hf is not None and "median_s" in hf:
+            rec.update(agreement(d, side))
+        for ref in ("hf", "hf-compile"):
+            r = case_recs.get(ref)
+            if side.startswith("ours") and r and "median_s" in r and "error" not in r:
+                rec[f"speedup_vs_{ref.replace('-', '_')}"] = r["median_s"] / rec["median_s"]
+                if ref == "hf" and r.get("peak_mem_bytes"):
+                    rec["mem_ratio_vs_hf"] = rec["peak_mem_bytes"] / r["peak_mem_bytes"]
+
+
+def _print_side(rec: dict) -> None:
+    name = f"  {rec['preset']} {rec['op']} B{rec['batch']} {rec['seconds']:g}s {rec['side']:10s}"
+    if "error" in rec:
+        print(f"{name} ERROR {rec['error'].splitlines()[0]}", flush=True)
+        return
+    extra = ""
+    if "speedup_vs_hf" in rec:
+        extra += f" speedup {rec['speedup_vs_hf']:.2f}x"
+    if "code_agreement" in rec:
+        extra += f" codes {100 * rec['code_agreement']:.2f}%"
+    if "audio_snr_db" in rec:
+        extra += f" SNR {rec['audio_snr_db']:.1f} dB"
+    if rec.get("compile_s") is not None:
+        extra += f" compile {rec['compile_s']:.1f}s"
+    if rec.get("loadavg_1min"):
+        extra += " load {:.1f}->{:.1f}".format(*rec["loadavg_1min"])
+    print(f"{name} median {rec['median_s']:.3f}s RTF {rec['rtf']:.2f} peak {_fmt_mem(rec.get('peak_mem_bytes'))} "
+          f"MiB{extra}", flush=True)
+
+
+def write_outputs(records: list[dict], info: dict, out: Path, tag: str, args) -> str:
+    """The markdown table and the JSON under --out (and at --markdown / --json); returns the markdown."""
+    md = markdown(records, info)
+    js = json.dumps({"machine": info, "records": records}, indent=1, default=str)
+    for path, text in ((out / f"bench_model_{tag}.md", md), (out / f"bench_model_{tag}.json", js),
+                       (args.markdown, md), (args.json, js)):
+        if path:
+            tmp = Path(f"{path}.part")
+            tmp.write_text(text)
+            tmp.replace(path)
+    return md
 
 
 def _sampling_rate(preset: str) -> int:

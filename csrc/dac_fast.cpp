@@ -6,8 +6,10 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <initializer_list>
 #include <limits>
 #include <optional>
+#include <utility>
 
 #include "dac_fast_ops.h"
 #include "rvq_math.h"
@@ -66,6 +68,23 @@ Tensor new_empty(at::IntArrayRef sizes, const Tensor& like, at::ScalarType dtype
 
 bool is_cuda(const Tensor& t) { return t.device().is_cuda(); }
 
+// Every tensor argument of an op on one device: the dispatcher picks the kernel from the arguments' devices
+// together, so without this a mixed call would hand host pointers to a CUDA kernel (or the reverse).
+void check_one_device(const char* op, std::initializer_list<std::pair<const char*, const Tensor*>> tensors) {
+  const char* first_name = nullptr;
+  const Tensor* first = nullptr;
+  for (const auto& [name, t] : tensors) {
+    if (!t->defined()) continue;
+    if (first == nullptr) {
+      first_name = name;
+      first = t;
+      continue;
+    }
+    TORCH_CHECK(t->device() == first->device(), "dac_fast::", op, ": all tensors must be on one device, but ", first_name,
+                " is on ", first->device(), " and ", name, " is on ", t->device());
+  }
+}
+
 [[noreturn]] [[maybe_unused]] void no_cuda(const char* op) {
   TORCH_CHECK(false, "dac_fast::", op, ": this build of dac_fast._C has no CUDA kernels");
 }
@@ -82,8 +101,6 @@ void check_snake_input(const Tensor& x, const char* op, const char* name) {
 Tensor channel_param(const Tensor& p, const Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(p.defined(), "dac_fast::", op, ": ", name, " is undefined");
   TORCH_CHECK(at::isFloatingType(p.scalar_type()), "dac_fast::", op, ": ", name, " must be floating point");
-  TORCH_CHECK(p.device() == x.device(), "dac_fast::", op, ": ", name, " is on ", p.device(), " but the input is on ",
-              x.device());
   const int64_t C = x.size(1);
   TORCH_CHECK(p.numel() == C, "dac_fast::", op, ": ", name, " must have C = ", C, " elements (shape (1, C, 1) or (C,)), got shape ",
               p.sizes());
@@ -107,6 +124,7 @@ void run_snake_fwd(const SnakeArgs& a) {
 }  // namespace
 
 Tensor snake(const Tensor& x_, const Tensor& alpha) {
+  check_one_device("snake", {{"x", &x_}, {"alpha", &alpha}});
   check_snake_input(x_, "snake", "x");
   SnakeArgs a;
   a.x = x_.contiguous();
@@ -117,13 +135,13 @@ Tensor snake(const Tensor& x_, const Tensor& alpha) {
 }
 
 std::tuple<Tensor, Tensor> add_snake(const Tensor& a_, const Tensor& b_, const Tensor& alpha) {
+  check_one_device("add_snake", {{"a", &a_}, {"b", &b_}, {"alpha", &alpha}});
   check_snake_input(a_, "add_snake", "a");
   check_snake_input(b_, "add_snake", "b");
   TORCH_CHECK(a_.sizes() == b_.sizes(), "dac_fast::add_snake: a and b must have the same shape, got ", a_.sizes(), " and ",
               b_.sizes());
   TORCH_CHECK(a_.scalar_type() == b_.scalar_type(), "dac_fast::add_snake: a and b must have the same dtype, got ",
               a_.scalar_type(), " and ", b_.scalar_type());
-  TORCH_CHECK(a_.device() == b_.device(), "dac_fast::add_snake: a and b must be on the same device");
   SnakeArgs a;
   a.x = a_.contiguous();
   a.b = b_.contiguous();
@@ -135,6 +153,7 @@ std::tuple<Tensor, Tensor> add_snake(const Tensor& a_, const Tensor& b_, const T
 }
 
 Tensor scale_bias_snake(const Tensor& y_, const Tensor& scale, const Tensor& bias, const Tensor& alpha) {
+  check_one_device("scale_bias_snake", {{"y", &y_}, {"scale", &scale}, {"bias", &bias}, {"alpha", &alpha}});
   check_snake_input(y_, "scale_bias_snake", "y");
   SnakeArgs a;
   a.x = y_.contiguous();
@@ -147,6 +166,7 @@ Tensor scale_bias_snake(const Tensor& y_, const Tensor& scale, const Tensor& bia
 }
 
 std::tuple<Tensor, Tensor> snake_backward(const Tensor& grad_, const Tensor& x_, const Tensor& alpha) {
+  check_one_device("snake_backward", {{"grad", &grad_}, {"x", &x_}, {"alpha", &alpha}});
   check_snake_input(x_, "snake_backward", "x");
   check_snake_input(grad_, "snake_backward", "grad");
   TORCH_CHECK(grad_.sizes() == x_.sizes(), "dac_fast::snake_backward: grad has shape ", grad_.sizes(), " but x has ",
@@ -160,6 +180,8 @@ std::tuple<Tensor, Tensor> snake_backward(const Tensor& grad_, const Tensor& x_,
   if (x.numel() > 0) {
     if (is_cuda(x)) {
 #ifdef DAC_FAST_WITH_CUDA
+      // grad_alpha's partial sums meet in atomicAdd, in whatever order the blocks finish
+      at::globalContext().alertNotDeterministic("dac_fast::snake_backward on CUDA (grad_alpha is summed with atomicAdd)");
       snake_bwd_cuda(g, x, al, gx, ga);
 #else
       no_cuda("snake_backward");
@@ -174,8 +196,7 @@ std::tuple<Tensor, Tensor> snake_backward(const Tensor& grad_, const Tensor& x_,
 // ------------------------------------------------------------------------------------------ RVQ
 namespace {
 
-void check_rvq_weights(const Tensor& codebook, const Tensor& out_w, const Tensor& out_b, int64_t D, const at::Device dev,
-                       const char* op) {
+void check_rvq_weights(const Tensor& codebook, const Tensor& out_w, const Tensor& out_b, int64_t D, const char* op) {
   TORCH_CHECK(codebook.dim() == 3 && codebook.size(1) == kCodebookSize && codebook.size(2) == kCodebookDim, "dac_fast::", op,
               ": codebook must have shape (N, ", kCodebookSize, ", ", kCodebookDim, ") (the only shape the kernels support), got ",
               codebook.sizes());
@@ -186,7 +207,6 @@ void check_rvq_weights(const Tensor& codebook, const Tensor& out_w, const Tensor
               ": out_proj_bias must have shape (", N, ", ", D, "), got ", out_b.sizes());
   for (const Tensor* t : {&codebook, &out_w, &out_b}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat, "dac_fast::", op, ": weights must be float32, got ", t->scalar_type());
-    TORCH_CHECK(t->device() == dev, "dac_fast::", op, ": all tensors must be on ", dev, ", got one on ", t->device());
   }
 }
 
@@ -202,10 +222,12 @@ std::tuple<Tensor, Tensor, Tensor> rvq_encode(const Tensor& z_, const Tensor& in
                                               const Tensor& codebook, const Tensor& out_w, const Tensor& out_b,
                                               int64_t n, bool exact) {
   const char* op = "rvq_encode";
+  check_one_device(op, {{"z", &z_}, {"in_proj_weight", &in_w}, {"in_proj_bias", &in_b}, {"codebook", &codebook},
+                        {"out_proj_weight", &out_w}, {"out_proj_bias", &out_b}});
   TORCH_CHECK(z_.dim() == 3, "dac_fast::rvq_encode: z must have shape (B, D, T), got ", z_.sizes());
   TORCH_CHECK(z_.scalar_type() == at::kFloat, "dac_fast::rvq_encode: z must be float32, got ", z_.scalar_type());
   const int64_t B = z_.size(0), D = z_.size(1), T = z_.size(2);
-  check_rvq_weights(codebook, out_w, out_b, D, z_.device(), op);
+  check_rvq_weights(codebook, out_w, out_b, D, op);
   const int64_t N = codebook.size(0);
   TORCH_CHECK(in_w.dim() == 3 && in_w.size(0) == N && in_w.size(1) == kCodebookDim && in_w.size(2) == D,
               "dac_fast::rvq_encode: in_proj_weight must have shape (", N, ", ", kCodebookDim, ", ", D, "), got ", in_w.sizes());
@@ -213,7 +235,6 @@ std::tuple<Tensor, Tensor, Tensor> rvq_encode(const Tensor& z_, const Tensor& in
               "dac_fast::rvq_encode: in_proj_bias must have shape (", N, ", ", kCodebookDim, "), got ", in_b.sizes());
   for (const Tensor* t : {&in_w, &in_b}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat, "dac_fast::rvq_encode: weights must be float32, got ", t->scalar_type());
-    TORCH_CHECK(t->device() == z_.device(), "dac_fast::rvq_encode: all tensors must be on ", z_.device());
   }
   TORCH_CHECK(n >= 1 && n <= N, "dac_fast::rvq_encode: n_quantizers must be in [1, ", N, "], got ", n);
   const bool cuda = is_cuda(z_);
@@ -309,12 +330,14 @@ std::tuple<Tensor, Tensor, Tensor> rvq_encode(const Tensor& z_, const Tensor& in
 }
 
 Tensor rvq_decode(const Tensor& codes_, const Tensor& codebook, const Tensor& out_w, const Tensor& out_b) {
+  check_one_device("rvq_decode", {{"codes", &codes_}, {"codebook", &codebook}, {"out_proj_weight", &out_w},
+                                  {"out_proj_bias", &out_b}});
   TORCH_CHECK(codes_.dim() == 3, "dac_fast::rvq_decode: codes must have shape (B, n, T), got ", codes_.sizes());
   TORCH_CHECK(!at::isFloatingType(codes_.scalar_type()) && codes_.scalar_type() != at::kBool,
               "dac_fast::rvq_decode: codes must be an integer tensor, got ", codes_.scalar_type());
   TORCH_CHECK(out_w.dim() == 3, "dac_fast::rvq_decode: out_proj_weight must have shape (N, D, 8), got ", out_w.sizes());
   const int64_t D = out_w.size(1);
-  check_rvq_weights(codebook, out_w, out_b, D, codes_.device(), "rvq_decode");
+  check_rvq_weights(codebook, out_w, out_b, D, "rvq_decode");
   const int64_t B = codes_.size(0), n = codes_.size(1), T = codes_.size(2), N = codebook.size(0);
   TORCH_CHECK(n >= 1 && n <= N, "dac_fast::rvq_decode: codes has ", n, " codebooks but the quantizer has ", N);
   auto codes = codes_.to(at::kLong).contiguous();

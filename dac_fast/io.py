@@ -46,6 +46,43 @@ os.umask(_UMASK)
 """Prefix of temporary files; anything starting with it is never a finished output."""
 
 
+# ----------------------------------------------------------------------------------------------
+# optional dependencies
+# ----------------------------------------------------------------------------------------------
+# module -> (pip package, how to install it). The model, ops and feature extractor need only torch and
+# numpy; the file pipeline's libraries are default dependencies of dac-fast, Ray's are the [ray] extra.
+_OPTIONAL = {
+    "soundfile": ("soundfile", "pip install soundfile (a default dependency: `pip install dac-fast` installs it)"),
+    "soxr": ("soxr", "pip install soxr (a default dependency: `pip install dac-fast` installs it)"),
+    "pyloudnorm": ("pyloudnorm", "pip install pyloudnorm (a default dependency: `pip install dac-fast` installs it)"),
+    "scipy": ("scipy", "pip install scipy (pyloudnorm's dependency: `pip install dac-fast` installs it)"),
+    "ray": ("ray[data]", "pip install 'dac-fast[ray]'"),
+    "pyarrow": ("pyarrow", "pip install 'dac-fast[ray]'"),
+}
+
+
+class MissingDependencyError(ImportError):
+    """An optional package needed by the function called is not installed; the message says how to install it."""
+
+
+def require(module: str, purpose: str):
+    """Import ``module`` (e.g. ``"soundfile"``, ``"pyarrow.parquet"``) for ``purpose``, or raise
+    :class:`MissingDependencyError` naming the package and the pip command that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # OSError too: soundfile raises it when libsndfile itself is missing
+        cause = exc
+    except OSError as exc:
+        cause = exc
+    top = module.split(".")[0]
+    package, install = _OPTIONAL.get(top, (top, f"pip install {top}"))
+    raise MissingDependencyError(
+        f"{purpose} needs the {package!r} package, which cannot be imported ({type(cause).__name__}: {cause}). "
+        f"Install it with: {install}", name=top) from cause
+
+
 class AudioError(ValueError):
     """A file could not be used as audio. ``str(err)`` names the path and the reason."""
 
@@ -60,7 +97,7 @@ class AudioError(ValueError):
 # ----------------------------------------------------------------------------------------------
 def audio_info(path: PathLike):
     """Return ``(sample_rate, channels, frames)`` from the file header without decoding."""
-    import soundfile as sf
+    sf = require("soundfile", "reading audio files")
 
     try:
         info = sf.info(str(path))
@@ -75,7 +112,7 @@ def read_audio(path: PathLike) -> tuple[np.ndarray, int]:
     Raises :class:`AudioError` for unreadable/corrupt/truncated files, zero-length audio and
     audio containing NaN or Inf.
     """
-    import soundfile as sf
+    sf = require("soundfile", "reading audio files")
 
     p = Path(path)
     if not p.exists():
@@ -107,7 +144,7 @@ def write_audio(path: PathLike, audio: np.ndarray, sample_rate: int, subtype: st
     The format follows the extension (``.wav`` defaults to 16-bit PCM like the original,
     ``.flac`` 16-bit, anything else soundfile's default). Samples are clipped to [-1, 1].
     """
-    import soundfile as sf
+    sf = require("soundfile", "writing audio files")
 
     path = Path(path)
     audio = np.asarray(audio, dtype=np.float32)
@@ -132,7 +169,7 @@ def _truncation(path: Path) -> str | None:
     global _DATA_SIZE_RE
     import re
 
-    import soundfile as sf
+    sf = require("soundfile", "reading audio files")
 
     if _DATA_SIZE_RE is None:
         _DATA_SIZE_RE = re.compile(r"^\s*data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
@@ -160,7 +197,7 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int, quality: str = "HQ
     audio = np.asarray(audio, dtype=np.float32)
     if int(orig_sr) == int(target_sr):
         return audio
-    import soxr
+    soxr = require("soxr", "resampling audio")
 
     if audio.ndim == 1:
         return soxr.resample(audio, orig_sr, target_sr, quality=quality).astype(np.float32)
@@ -192,8 +229,8 @@ def loudness(audio: np.ndarray, sample_rate: int) -> float:
 
     Block energies come from a cumulative sum, so long files cost O(samples).
     """
-    import pyloudnorm
-    from scipy.signal import lfilter
+    pyloudnorm = require("pyloudnorm", "loudness normalization")
+    lfilter = require("scipy.signal", "loudness normalization").lfilter
 
     x = np.asarray(audio, dtype=np.float64)
     if x.ndim == 1:

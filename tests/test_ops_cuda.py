@@ -4,7 +4,11 @@ and CUDA kernels. Skipped without a GPU or without CUDA kernels in dac_fast._C.
 
 On CUDA the Snake kernels are compared with the eager reference with a tolerance (sinf vs torch's
 sin can differ by an ulp); rvq_encode exact codes must still be identical to transformers (TF32
-off), because the kernels run the same cuBLAS/cuDNN calls for everything but the fused argmax.
+off: tests/conftest.py turns it off for every test), because the kernels run the same cuBLAS/cuDNN calls
+for everything but the fused argmax.
+
+The model tests (names containing `model_cuda`) run DacModel and transformers' DacModel side by side on the
+GPU; scripts/gpu_check.sh runs them as their own step.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def test_cuda_snake_backward_grad_alpha_large():
     torch.testing.assert_close(a.grad.double(), ar.grad, rtol=1e-4, atol=1e-2)
 
 
-def test_cuda_rvq_real_shape_codes(no_tf32):
+def test_cuda_rvq_real_shape_codes():
     from tests.test_ops import _make_transformers_rvq, _weights_of
 
     q = _make_transformers_rvq(11, 1024, 9, "cuda")
@@ -74,3 +78,42 @@ def test_cuda_rvq_real_shape_codes(no_tf32):
     agreement = (fc == codes).float().mean().item()
     print(f"CUDA fast-mode agreement at (16, 1024, 862) x 9: {agreement:.6f}")
     assert agreement >= 0.98
+
+
+def test_cuda_snake_backward_alerts_under_deterministic_algorithms():
+    # grad_alpha is accumulated with atomicAdd: not bit-reproducible, so torch's deterministic mode is told
+    x = _x((2, 3, 1001), "cuda").requires_grad_()
+    a = _alpha(3, "cuda").requires_grad_()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="snake_backward.*deterministic"):
+            ops.snake(x, a).sum().backward()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="snake_backward"):
+            ops.snake(x, a).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+# ----------------------------------------------------------------------------- the model on the GPU
+@pytest.mark.parametrize("preset", ["16khz", "24khz", "44khz"])
+def test_model_cuda_matches_transformers_on_cuda(preset):
+    """Both models on the GPU in fp32 (TF32 off, conftest): identical codes, decoded audio within tolerance."""
+    from tests.reference import model_pair
+    from tests.test_model import assert_close, batch_of_two
+
+    hf, ours = model_pair(preset, seed=11)
+    hf, ours = hf.cuda(), ours.cuda()
+    x = batch_of_two(ours.config).cuda()
+    with torch.inference_mode():
+        ref = hf.encode(x)
+        out = ours.encode(x)
+        assert out.audio_codes.is_cuda
+        assert torch.equal(out.audio_codes, ref.audio_codes), (
+            f"{(out.audio_codes != ref.audio_codes).float().mean().item():.6f} of the codes differ")
+        assert len(torch.unique(out.audio_codes)) > 50, "codes should be diverse on this audio"
+        assert_close(out.quantized_representation, ref.quantized_representation, rtol=1e-4, what="quantized")
+        audio = ours.decode(out.quantized_representation).audio_values
+        assert_close(audio, hf.decode(ref.quantized_representation).audio_values, rtol=1e-4, what="decode")
+        audio = ours.decode(audio_codes=out.audio_codes).audio_values
+        assert_close(audio, hf.decode(audio_codes=ref.audio_codes).audio_values, rtol=1e-4, what="decode(codes)")

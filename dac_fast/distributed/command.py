@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from .. import io as aio
+
 DEFAULT_STALL_TIMEOUT = 1800.0  # seconds without a completed block before the driver stops the job
 
 
@@ -36,7 +38,7 @@ def run_from_cli(args) -> int:
     shards. ``--overwrite`` is refused (use a new OUTDIR). Ctrl-C propagates as KeyboardInterrupt
     after manifest.parquet and errors.parquet are written.
     """
-    import ray
+    ray = aio.require("ray", "the Ray engine (--ray)")
 
     from .driver import EncodeStopped, encode_dataset, worker_runtime_env
     from .schema import ERRORS, MANIFEST, SHARDS_DIR

@@ -123,8 +123,8 @@ def encode_dataset(
     :class:`EncodeStopped` is raised when the job could not run to its end for a reason other
     than lost inputs (its message says why), ``KeyboardInterrupt`` passes through.
     """
-    import ray
-    import ray.data
+    ray = aio.require("ray", "the Ray engine (--ray)")
+    aio.require("ray.data", "the Ray engine (--ray)")
 
     t0 = time.perf_counter()
     if batch_size < 1:

@@ -8,10 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .. import io as aio
+
+# a clear MissingDependencyError (package + pip extra) instead of a bare ImportError
+pa = aio.require("pyarrow", "the Ray engine's Parquet shards")
+pq = aio.require("pyarrow.parquet", "the Ray engine's Parquet shards")
 
 SHARDS_DIR = "shards"
 DAC_DIR = "dac"
