@@ -238,9 +238,11 @@ def cpu_buffer_cache(tensor: torch.Tensor):
     page faults cost as much as the arithmetic; this removes that toll without changing process-wide
     malloc settings. In use + cached bytes stay under the block's peak in use (the cache at least
     DAC_FAST_CPU_CACHE_MB, default 64; 0 turns it off); the cache is freed when the outermost block ends.
-    A no-op off CPU or without the extension."""
+    A no-op off CPU, without the extension, and while torch.compile/export traces the call (swapping the
+    allocator is a side effect outside any graph; a compiled graph keeps torch's allocator, no graph break)."""
     on = (
-        tensor.device.type == "cpu"
+        not torch.compiler.is_compiling()
+        and tensor.device.type == "cpu"
         and _C is not None
         and hasattr(_C, "buffer_cache_enter")
         and os.environ.get("DAC_FAST_CPU_CACHE_MB", "64").strip() != "0"
@@ -248,23 +250,11 @@ def cpu_buffer_cache(tensor: torch.Tensor):
     if not on:
         yield
         return
-    _buffer_cache_enter()
+    _C.buffer_cache_enter()
     try:
         yield
     finally:
-        _buffer_cache_exit()
-
-
-# Swapping torch's CPU allocator is a side effect outside any graph: under torch.compile the two calls run
-# eagerly with a graph break on each side, marked here so that Dynamo does not warn about an unknown builtin.
-@torch.compiler.disable(reason="dac_fast's CPU buffer cache swaps torch's allocator: runs eagerly")
-def _buffer_cache_enter() -> None:
-    _C.buffer_cache_enter()
-
-
-@torch.compiler.disable(reason="dac_fast's CPU buffer cache swaps torch's allocator: runs eagerly")
-def _buffer_cache_exit() -> None:
-    _C.buffer_cache_exit()
+        _C.buffer_cache_exit()
 
 
 # ----------------------------------------------------------------------------- pure torch

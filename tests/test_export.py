@@ -101,9 +101,9 @@ def test_onnx_export_under_the_torch_backend(model, audio, tmp_path):
 
 
 @needs_extension
-def test_torch_compile_breaks_the_graph_quietly_at_the_buffer_cache(model, audio):
-    """The CPU buffer cache swaps torch's allocator around a tiled call: Dynamo runs it eagerly (a graph break),
-    marked so that it does not warn about an untraceable builtin; the compiled calls give the eager codes."""
+def test_torch_compile_traces_through_the_buffer_cache_scope(model, audio):
+    """The CPU buffer cache swaps torch's allocator around a tiled call; while Dynamo traces, the scope is a
+    no-op (no graph break, no warning about an untraceable builtin); the compiled calls give the eager audio."""
     torch._dynamo.reset()
     with torch.no_grad():
         codes = model.encode(audio).audio_codes
@@ -114,4 +114,4 @@ def test_torch_compile_breaks_the_graph_quietly_at_the_buffer_cache(model, audio
             assert torch.equal(decode(audio_codes=codes).audio_values, decoded)
     assert [str(w.message) for w in caught if "Dynamo" in str(w.message)] == []
     breaks = " ".join(torch._dynamo.utils.counters["graph_break"])
-    assert "buffer cache" in breaks and "does not know how to trace" not in breaks
+    assert "buffer_cache" not in breaks and "does not know how to trace" not in breaks
