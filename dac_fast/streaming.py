@@ -67,7 +67,8 @@ class LayerStreams:
             parts.append(hidden_state.new_zeros(hidden_state.shape[0], hidden_state.shape[1], right))
         window = torch.cat(parts, dim=-1)
         if self.starts is not None:
-            window = zero_outside(window, self.position[name], start=self.starts * self.elements_per_frame[name])
+            start = (self.starts * self.elements_per_frame[name]).to(window.device)
+            window = zero_outside(window, self.position[name], start=start)
         return window
 
     def _advance(self, name: str, window: torch.Tensor, consumed: int) -> None:
