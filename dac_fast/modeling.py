@@ -140,20 +140,106 @@ def _inference(hidden_state: torch.Tensor, module: nn.Module) -> bool:
     return not module.training and not _needs_graph(module, hidden_state)
 
 
-def _residual_chain(units, hidden_state: torch.Tensor, next_alpha: torch.Tensor) -> torch.Tensor:
+def _residual_chain(units, hidden_state: torch.Tensor, next_alpha: torch.Tensor, flow=None) -> torch.Tensor:
     """Inference through residual units (B, C, T) -> snake_next(output) (B, C, T).
 
     Each unit's residual add is fused with the Snake that follows it (the next unit's snake1, or
     ``next_alpha`` after the last), so the stream is read and written once per unit boundary. The
-    arithmetic is the reference's: the same convolutions, the same add, the same Snake.
+    arithmetic is the reference's: the same convolutions, the same add, the same Snake. ``flow``: see
+    ``conv_step`` (a stream's branch lags its input by conv1's right context, so the skip is delayed to match).
     """
     activated = units[0].snake1(hidden_state)
     for i, unit in enumerate(units):
-        branch = unit.conv2(unit.snake2(unit.conv1(activated)))
+        branch = conv_step(unit.conv2, unit.snake2(conv_step(unit.conv1, activated, flow)), flow)
         alpha = units[i + 1].snake1.alpha if i + 1 < len(units) else next_alpha
         # convolutions here keep the length ("same" padding), so the reference's centre crop never applies
-        hidden_state, activated = ops.add_snake(hidden_state, branch, alpha)
+        skip = hidden_state if flow is None else flow.skip(unit, hidden_state, branch.shape[-1])
+        hidden_state, activated = ops.add_snake(skip, branch, alpha)
     return activated
+
+
+# ----------------------------------------------------------------------------- inference convolutions
+def _onednn_applies(hidden_state: torch.Tensor) -> bool:
+    """CPU fp32 outside the pure-torch backend. There oneDNN's convolution gives every output element the same
+    bits whatever the input's length, crop or batch size, which exact tiles, streams and padded batches rely
+    on; F.conv1d would pick a different (native) kernel for small batch-1 inputs."""
+    return (hidden_state.device.type == "cpu" and hidden_state.dtype == torch.float32
+            and ops.current_backend() != "torch" and torch.backends.mkldnn.is_available())
+
+
+def conv_arithmetic(conv: nn.Conv1d, hidden_state: torch.Tensor, padding: int) -> torch.Tensor:
+    """``conv``'s arithmetic with ``padding`` zeros on each side (its own padding offline, 0 on a stream window)."""
+    if _onednn_applies(hidden_state):
+        return torch.mkldnn_convolution(hidden_state.contiguous(), conv.weight, conv.bias, (padding,), conv.stride,
+                                        conv.dilation, conv.groups)
+    return F.conv1d(hidden_state, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+
+
+def conv_transpose_arithmetic(conv: nn.ConvTranspose1d, hidden_state: torch.Tensor) -> torch.Tensor:
+    """``conv(hidden_state)`` for a transposed convolution: the polyphase form where it applies."""
+    if _polyphase_applies(conv, hidden_state):
+        return conv_transpose_polyphase(conv, hidden_state)
+    return conv(hidden_state)
+
+
+def conv_step(conv: nn.Conv1d, hidden_state: torch.Tensor, flow=None) -> torch.Tensor:
+    """Every inference convolution goes through here. ``flow`` None: offline, ``conv(hidden_state)``. Otherwise
+    ``flow.conv(conv, hidden_state)``: one step of a stream (``dac_fast.streaming``: the input continues what
+    came before, the output is what is now final) or a right-padded batch (``PaddedBatch``: each item's input
+    is zero beyond its own length, as if it were alone)."""
+    if flow is None:
+        return conv_arithmetic(conv, hidden_state, conv.padding[0])
+    return flow.conv(conv, hidden_state)
+
+
+def conv_transpose_step(conv: nn.ConvTranspose1d, hidden_state: torch.Tensor, flow=None) -> torch.Tensor:
+    """``conv_step`` for the transposed convolutions."""
+    if flow is None:
+        return conv_transpose_arithmetic(conv, hidden_state)
+    return flow.conv_transpose(conv, hidden_state)
+
+
+def _output_lengths(conv: nn.Module, lengths: torch.Tensor) -> torch.Tensor:
+    """Output lengths of ``conv`` for inputs of ``lengths`` (any shape), 0 where the input is too short."""
+    (k,), (s,), (d,), (p,) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    if isinstance(conv, nn.ConvTranspose1d):
+        out = (lengths - 1) * s - 2 * p + d * (k - 1) + conv.output_padding[0] + 1
+        return torch.where(lengths > 0, out, 0).clamp_min(0)
+    return (torch.div(lengths + 2 * p - d * (k - 1) - 1, s, rounding_mode="floor") + 1).clamp_min(0)
+
+
+def zero_outside(hidden_state: torch.Tensor, first: torch.Tensor, start: torch.Tensor | None = None,
+                 stop: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C, T) with element t of item b set to 0 unless start[b] <= first + t < stop[b] (None: unbounded)."""
+    positions = first + torch.arange(hidden_state.shape[-1], device=hidden_state.device)
+    keep = torch.ones(hidden_state.shape[0], positions.shape[0], dtype=torch.bool, device=hidden_state.device)
+    if start is not None:
+        keep &= positions >= start.view(-1, 1)
+    if stop is not None:
+        keep &= positions < stop.view(-1, 1)
+    return torch.where(keep.unsqueeze(1), hidden_state, 0)
+
+
+class PaddedBatch:
+    """Flow of a right-padded batch: before each convolution, each item's input is zeroed beyond its own valid
+    length at that layer (the zero padding it would see alone), so its outputs over its own length equal
+    the item's alone. ``lengths`` (B,) valid lengths of the network's input; updated layer by layer."""
+
+    def __init__(self, lengths: torch.Tensor):
+        self.lengths = lengths
+
+    def conv(self, conv: nn.Conv1d, hidden_state: torch.Tensor) -> torch.Tensor:
+        out = conv_arithmetic(conv, zero_outside(hidden_state, 0, stop=self.lengths), conv.padding[0])
+        self.lengths = _output_lengths(conv, self.lengths)
+        return out
+
+    def conv_transpose(self, conv: nn.ConvTranspose1d, hidden_state: torch.Tensor) -> torch.Tensor:
+        out = conv_transpose_arithmetic(conv, zero_outside(hidden_state, 0, stop=self.lengths))
+        self.lengths = _output_lengths(conv, self.lengths)
+        return out
+
+    def skip(self, unit: nn.Module, hidden_state: torch.Tensor, length: int) -> torch.Tensor:
+        return hidden_state
 
 
 def conv_transpose_polyphase(conv: nn.ConvTranspose1d, hidden_state: torch.Tensor) -> torch.Tensor:
@@ -264,11 +350,32 @@ class DacResidualVectorQuantizer(nn.Module):
             return self._forward_inference(hidden_state, n_quantizers)
         return self._forward_reference(hidden_state, n_quantizers)
 
-    def _forward_inference(self, hidden_state: torch.Tensor, n_quantizers: int):
+    def encode_frames(self, hidden_state: torch.Tensor, n_quantizers: int):
+        """Inference quantization (B, D, F) -> codes (B, n, F), quantized (B, D, F), latents (B, n * d, F).
+
+        Every frame is quantized independently, and on CPU its codes do not depend on the batch size or the
+        number of frames: ATen runs the quantizer's 1x1 convolutions on oneDNN only for batches of two or
+        more (a native kernel with other rounding for small single items), so one item is folded into two
+        halves of its frames.
+        """
         in_w, in_b, codebook, out_w, out_b = self.stacked_parameters()
+        batch, _, frames = hidden_state.shape
+        fold = batch == 1 and frames > 0 and _onednn_applies(hidden_state)
+        if fold:
+            half = (frames + 1) // 2
+            padded = F.pad(hidden_state, (0, 2 * half - frames), mode="replicate")
+            hidden_state = padded.view(-1, 2, half).transpose(0, 1)  # (2, D, half)
         codes, quantized, latents = ops.rvq_encode(
             hidden_state, in_w, in_b, codebook, out_w, out_b, n_quantizers, mode=self.mode
         )
+        if fold:
+            codes, quantized, latents = (t.transpose(0, 1).reshape(1, t.shape[1], 2 * half)[..., :frames]
+                                         for t in (codes, quantized, latents))
+        return codes, quantized, latents
+
+    def _forward_inference(self, hidden_state: torch.Tensor, n_quantizers: int):
+        in_w, in_b, codebook, out_w, out_b = self.stacked_parameters()
+        codes, quantized, latents = self.encode_frames(hidden_state, n_quantizers)
         # The losses as the reference computes them: mean squared distance between each latent and its
         # codebook row, summed over codebooks, one value per batch item.
         batch = hidden_state.shape[0]
@@ -355,21 +462,22 @@ class DacDecoder(nn.Module):
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         if _inference(hidden_state, self):
-            hidden_state = self.conv1(hidden_state)
-            activated = self.block[0].snake1(hidden_state)
-            for i, block in enumerate(self.block):
-                units = (block.res_unit1, block.res_unit2, block.res_unit3)
-                next_alpha = self.block[i + 1].snake1.alpha if i + 1 < len(self.block) else self.snake1.alpha
-                if _polyphase_applies(block.conv_t1, activated):
-                    upsampled = conv_transpose_polyphase(block.conv_t1, activated)
-                else:
-                    upsampled = block.conv_t1(activated)
-                activated = _residual_chain(units, upsampled, next_alpha)
-            return self.tanh(self.conv2(activated))
+            return self.inference(hidden_state)
         hidden_state = conv_forward(self.conv1, hidden_state)
         for layer in self.block:
             hidden_state = layer(hidden_state)
         return self.tanh(conv_forward(self.conv2, self.snake1(hidden_state)))
+
+    def inference(self, hidden_state: torch.Tensor, flow=None) -> torch.Tensor:
+        """The fused inference structure; ``flow`` as in ``conv_step`` (None: offline)."""
+        hidden_state = conv_step(self.conv1, hidden_state, flow)
+        activated = self.block[0].snake1(hidden_state)
+        for i, block in enumerate(self.block):
+            units = (block.res_unit1, block.res_unit2, block.res_unit3)
+            next_alpha = self.block[i + 1].snake1.alpha if i + 1 < len(self.block) else self.snake1.alpha
+            upsampled = conv_transpose_step(block.conv_t1, activated, flow)
+            activated = _residual_chain(units, upsampled, next_alpha, flow)
+        return self.tanh(conv_step(self.conv2, activated, flow))
 
 
 class DacEncoder(nn.Module):
@@ -387,46 +495,67 @@ class DacEncoder(nn.Module):
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         if _inference(hidden_state, self):
-            hidden_state = self.conv1(hidden_state)
-            for block in self.block:
-                units = (block.res_unit1, block.res_unit2, block.res_unit3)
-                hidden_state = block.conv1(_residual_chain(units, hidden_state, block.snake1.alpha))
-            return self.conv2(self.snake1(hidden_state))
+            return self.inference(hidden_state)
         hidden_state = conv_forward(self.conv1, hidden_state)
         for module in self.block:
             hidden_state = module(hidden_state)
         return conv_forward(self.conv2, self.snake1(hidden_state))
 
+    def inference(self, hidden_state: torch.Tensor, flow=None) -> torch.Tensor:
+        """The fused inference structure; ``flow`` as in ``conv_step`` (None: offline)."""
+        hidden_state = conv_step(self.conv1, hidden_state, flow)
+        for block in self.block:
+            units = (block.res_unit1, block.res_unit2, block.res_unit3)
+            hidden_state = conv_step(block.conv1, _residual_chain(units, hidden_state, block.snake1.alpha, flow), flow)
+        return conv_step(self.conv2, self.snake1(hidden_state), flow)
+
 
 # ----------------------------------------------------------------------------- time tiles
-def encoder_halo_frames(config: DacConfig) -> int:
-    """Frames of context on each side beyond which an encoder output frame does not depend on its input."""
-    reach, rate = 3, 1  # conv1, k=7
+def encoder_reach(config: DacConfig) -> tuple[int, int]:
+    """(left, right): encoder output frame f depends on input samples f * hop_length - left through
+    f * hop_length + right, exactly (every layer is aligned: element t at a layer of r samples per element
+    sits at sample t * r)."""
+    left = right = 3  # conv1, k=7
+    rate = 1  # input samples per element at the current level
     for s in config.downsampling_ratios:
-        reach += 3 * (1 + 3 + 9) * rate  # three residual units, k=7, dilations 1, 3, 9
+        left += 3 * (1 + 3 + 9) * rate  # three residual units, k=7, dilations 1, 3, 9
+        right += 3 * (1 + 3 + 9) * rate
         p = math.ceil(s / 2)
-        reach += max(p, 2 * s - 1 - p) * rate  # strided conv k=2s
+        # strided conv k=2s, padding p: output t reads inputs s*t - p .. s*t - p + 2s - 1
+        left += p * rate
+        right += (2 * s - 1 - p) * rate
         rate *= s
-    reach += 1 * rate  # conv2, k=3
-    return math.ceil(reach / config.hop_length) + 1
+    return left + rate, right + rate  # conv2, k=3
 
 
-def decoder_halo_frames(config: DacConfig) -> int:
-    """Latent frames of context on each side that a decoded sample depends on."""
+def decoder_reach(config: DacConfig) -> tuple[int, int]:
+    """(left, right): decoded sample i depends on the latent frames f with i - left <= f * hop_length <= i + right,
+    exactly.
+    ``right`` is the streaming decoder's delay in samples (``lookahead_samples``)."""
     rate = config.hop_length  # output samples per element at the current level
-    reach = 3 * rate  # conv1, k=7
+    left = right = 3 * rate  # conv1, k=7
     for s in config.upsampling_ratios:
         rate //= s
         p = math.ceil(s / 2)
         # transposed conv k=2s, padding p: output i reads inputs j with 0 <= i + p - s*j < 2s
-        reach += max(2 * s - 1 - p, p) * rate
-        reach += 3 * (1 + 3 + 9) * rate
-    reach += 3  # conv2, k=7
-    return math.ceil(reach / config.hop_length) + 1
+        left += (2 * s - 1 - p) * rate + 3 * (1 + 3 + 9) * rate
+        right += p * rate + 3 * (1 + 3 + 9) * rate
+    return left + 3, right + 3  # conv2, k=7
+
+
+def encoder_halo_frames(config: DacConfig) -> int:
+    """Frames of context on each side beyond which an encoder output frame does not depend on its input."""
+    return math.ceil(max(encoder_reach(config)) / config.hop_length) + 1
+
+
+def decoder_halo_frames(config: DacConfig) -> int:
+    """Latent frames of context on each side that a decoded sample depends on."""
+    return math.ceil(max(decoder_reach(config)) / config.hop_length) + 1
 
 
 def encoded_frames(config: DacConfig, n_samples: int) -> int:
-    """Latent frames the encoder produces for ``n_samples`` (ceil-free: a partial hop may add or drop one)."""
+    """Latent frames the encoder produces for ``n_samples`` (ceil-free: a partial hop may add or drop one).
+    Also elementwise for an integer tensor of sample counts."""
     length = n_samples
     for s in config.downsampling_ratios:
         length = (length + 2 * math.ceil(s / 2) - 2 * s) // s + 1
@@ -435,7 +564,8 @@ def encoded_frames(config: DacConfig, n_samples: int) -> int:
 
 def decoded_length(config: DacConfig, n_frames: int) -> int:
     """Samples the decoder produces for ``n_frames`` latent frames: n_frames * hop_length, less one sample per
-    odd-stride transposed convolution (transformers and the original have no output_padding)."""
+    odd-stride transposed convolution (transformers and the original have no output_padding). Also
+    elementwise for an integer tensor of frame counts."""
     length = n_frames
     for s in config.upsampling_ratios:
         length = (length - 1) * s - 2 * math.ceil(s / 2) + 2 * s
@@ -464,16 +594,21 @@ def _tile_plan(batch: int, n_frames: int, tile_frames: int, halo: int):
 
 
 def run_tiled(fn, inputs: torch.Tensor, n_frames: int, in_per_frame: int, out_per_frame: int, out_length: int,
-              tile_frames: int, halo: int) -> torch.Tensor:
+              tile_frames: int, halo: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Apply a time-equivariant network ``fn`` (B, C, n_frames * in_per_frame) -> (B, C', out_length) piece
     by piece (see ``_tile_plan``). ``halo`` frames of context beyond which outputs do not depend on inputs
     make each piece's kept outputs equal the whole computation's to rounding. Output sample k of a piece
-    whose input starts at frame f is sample k + f * out_per_frame of the whole output."""
+    whose input starts at frame f is sample k + f * out_per_frame of the whole output. With ``lengths`` (B,)
+    (valid input lengths of a right-padded batch) ``fn`` is called as fn(piece, the piece's valid lengths)."""
     out = None
     for items, start, stop, ctx_start, ctx_stop in _tile_plan(inputs.shape[0], n_frames, tile_frames, halo):
         # the last piece runs to the end of the input, so a partial last hop is seen as in the whole pass
         end = None if ctx_stop == n_frames else ctx_stop * in_per_frame
-        piece = fn(inputs[items, :, ctx_start * in_per_frame : end])
+        piece = inputs[items, :, ctx_start * in_per_frame : end]
+        if lengths is None:
+            piece = fn(piece)
+        else:
+            piece = fn(piece, (lengths[items] - ctx_start * in_per_frame).clamp_min(0))
         if out is None:
             out = piece.new_empty(inputs.shape[0], piece.shape[1], out_length)
         width = min(stop * out_per_frame, out_length) - start * out_per_frame
@@ -597,6 +732,7 @@ class DacModel(nn.Module):
         n_quantizers: int | None = None,
         return_dict: bool | None = None,
         tile_frames: int | None = None,
+        padding_mask: torch.Tensor | None = None,
     ):
         """Encode audio (B, 1, T) into codes.
 
@@ -606,19 +742,34 @@ class DacModel(nn.Module):
         that the codes equal the untiled ones; 0 < tile_frames; pass a large value to disable. Integer PCM is
         scaled to [-1, 1); audio shorter than the encoder's strided convolutions need is zero-padded to one
         hop (one frame of codes), where transformers raises a convolution error.
+
+        ``padding_mask`` (B, T), 1 for real samples then 0 for right padding (as ``DacFeatureExtractor(...,
+        padding=True)`` returns it; inference only): each item is encoded as if alone and unpadded. Its codes
+        over its own frames equal encoding it alone, and the output gains ``audio_frames`` (B,), the number of
+        frames of each item (the frames after those are padding); pass it to ``decode(..., audio_frames=)``.
         """
         input_values = _check_audio(input_values).to(self.dtype)  # float64 numpy audio, or fp32 audio into a bf16 model
         n_quantizers = self._check_n_quantizers(n_quantizers)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        lengths = audio_frames = None
+        if padding_mask is not None:
+            lengths = self._check_padding_mask(padding_mask, input_values)
+            # padding is zero whatever the caller put there; an item too short for the encoder is zero-padded
+            # to one hop, as it is when encoded alone
+            input_values = zero_outside(input_values, 0, stop=lengths)
+            hop = self.config.hop_length
+            lengths = torch.where(encoded_frames(self.config, lengths) < 1, torch.full_like(lengths, hop), lengths)
+            audio_frames = encoded_frames(self.config, lengths)
         with self._backend_scope():
-            latent = self._encode_latent(input_values, tile_frames)
+            latent = self._encode_latent(input_values, tile_frames, lengths)
             quantized, codes, latents, commitment_loss, codebook_loss = self.quantizer(latent, n_quantizers)
         loss = self.config.commitment_loss_weight * commitment_loss + self.config.codebook_loss_weight * codebook_loss
         if not return_dict:
-            return (loss, quantized, codes, latents)
-        return DacEncoderOutput(loss, quantized, codes, latents)
+            return (loss, quantized, codes, latents) + (() if audio_frames is None else (audio_frames,))
+        return DacEncoderOutput(loss, quantized, codes, latents, audio_frames)
 
-    def _encode_latent(self, input_values: torch.Tensor, tile_frames: int | None) -> torch.Tensor:
+    def _encode_latent(self, input_values: torch.Tensor, tile_frames: int | None,
+                       lengths: torch.Tensor | None = None) -> torch.Tensor:
         hop = self.config.hop_length
         length = input_values.shape[-1]
         tile = self._tile_frames(tile_frames, self.encode_tile_frames, input_values, self.encoder)
@@ -627,11 +778,31 @@ class DacModel(nn.Module):
             # Too short for the strided convolutions: zero-pad to one hop, as the CLI pads every file to whole hops.
             input_values = F.pad(input_values, (0, hop - length))
             n_frames = encoded_frames(self.config, hop)
+        encoder = self.encoder if lengths is None else lambda x, valid: self.encoder.inference(x, PaddedBatch(valid))
         if tile is None:
-            return self.encoder(input_values)
+            return encoder(input_values) if lengths is None else encoder(input_values, lengths)
         with ops.cpu_buffer_cache(input_values):
-            return run_tiled(self.encoder, input_values, n_frames, hop, 1, n_frames, tile,
-                             encoder_halo_frames(self.config))
+            return run_tiled(encoder, input_values, n_frames, hop, 1, n_frames, tile,
+                             encoder_halo_frames(self.config), lengths)
+
+    def _check_padding_mask(self, padding_mask, input_values: torch.Tensor) -> torch.Tensor:
+        """Valid lengths (B,) of a right-padding mask (B, T) for ``input_values`` (B, 1, T)."""
+        shape = (input_values.shape[0], input_values.shape[-1])
+        if not isinstance(padding_mask, torch.Tensor) or tuple(padding_mask.shape) != shape:
+            got = tuple(padding_mask.shape) if isinstance(padding_mask, torch.Tensor) else type(padding_mask).__name__
+            raise ValueError(f"padding_mask must be a tensor of shape (batch, samples) = {shape}, got {got}")
+        if _needs_graph(self.encoder, input_values) or self.training:
+            raise ValueError("padding_mask is supported in inference only (eval mode, no autograd)")
+        mask = padding_mask.to(input_values.device)
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("padding_mask must hold only 0 (padding) and 1 (real samples)")
+        mask = mask.bool()
+        lengths = mask.sum(-1)
+        if not torch.equal(mask, torch.arange(shape[1], device=mask.device) < lengths.unsqueeze(1)):
+            raise ValueError("padding_mask must mark right padding: ones for each item's samples, then zeros")
+        if (lengths == 0).any():
+            raise ValueError(f"padding_mask gives an item no samples (items {lengths.eq(0).nonzero().flatten().tolist()})")
+        return lengths
 
     # ------------------------------------------------------------------ decode
     def decode(
@@ -640,9 +811,14 @@ class DacModel(nn.Module):
         audio_codes: torch.Tensor | None = None,
         return_dict: bool | None = None,
         tile_frames: int | None = None,
+        audio_frames: torch.Tensor | None = None,
     ):
         """Decode a quantized representation (B, D, F), or codes (B, n, F) which take precedence, into
-        ``DacDecoderOutput(audio_values (B, F * hop_length))``. Tiled in inference like ``encode``."""
+        ``DacDecoderOutput(audio_values (B, F * hop_length))``. Tiled in inference like ``encode``.
+
+        ``audio_frames`` (B,), frames of each item (``encode(..., padding_mask=)`` returns them; inference
+        only): each item is decoded as if alone with its own frames; its samples after
+        ``decoded_length(config, audio_frames[b])`` are zero."""
         if quantized_representation is None and audio_codes is None:
             raise ValueError("Either `quantized_representation` or `audio_codes` must be provided.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -652,7 +828,13 @@ class DacModel(nn.Module):
                 quantized_representation = self.quantizer.from_codes(audio_codes)[0]
             else:
                 self._check_latent(quantized_representation)
-            audio_values = self._decode_latent(quantized_representation, tile_frames).squeeze(1)
+            lengths = None
+            if audio_frames is not None:
+                lengths = self._check_audio_frames(audio_frames, quantized_representation)
+            audio_values = self._decode_latent(quantized_representation, tile_frames, lengths).squeeze(1)
+            if lengths is not None:
+                audio_values = zero_outside(audio_values.unsqueeze(1), 0, stop=decoded_length(self.config, lengths))
+                audio_values = audio_values.squeeze(1)
         if not return_dict:
             return (audio_values,)
         return DacDecoderOutput(audio_values)
@@ -665,14 +847,46 @@ class DacModel(nn.Module):
         if not z.is_floating_point():
             raise TypeError(f"quantized_representation must be floating point, got dtype {z.dtype}")
 
-    def _decode_latent(self, z: torch.Tensor, tile_frames: int | None) -> torch.Tensor:
+    def _check_audio_frames(self, audio_frames, z: torch.Tensor) -> torch.Tensor:
+        batch, frames = z.shape[0], z.shape[-1]
+        if not isinstance(audio_frames, torch.Tensor) or tuple(audio_frames.shape) != (batch,) \
+                or audio_frames.is_floating_point() or audio_frames.dtype == torch.bool:
+            got = (f"{tuple(audio_frames.shape)} {audio_frames.dtype}" if isinstance(audio_frames, torch.Tensor)
+                   else type(audio_frames).__name__)
+            raise ValueError(f"audio_frames must be an integer tensor of shape ({batch},), got {got}")
+        if _needs_graph(self.decoder, z) or self.training:
+            raise ValueError("audio_frames is supported in inference only (eval mode, no autograd)")
+        lengths = audio_frames.to(z.device)
+        if (lengths < 1).any() or (lengths > frames).any():
+            raise ValueError(f"audio_frames must lie in [1, {frames}], got {audio_frames.tolist()}")
+        return lengths
+
+    def _decode_latent(self, z: torch.Tensor, tile_frames: int | None, lengths: torch.Tensor | None = None):
         tile = self._tile_frames(tile_frames, self.decode_tile_frames, z, self.decoder)
+        decoder = self.decoder if lengths is None else lambda x, valid: self.decoder.inference(x, PaddedBatch(valid))
         if tile is None:
-            return self.decoder(z)
+            return decoder(z) if lengths is None else decoder(z, lengths)
         n_frames = z.shape[-1]
         with ops.cpu_buffer_cache(z):
-            return run_tiled(self.decoder, z, n_frames, 1, self.config.hop_length,
-                             decoded_length(self.config, n_frames), tile, decoder_halo_frames(self.config))
+            return run_tiled(decoder, z, n_frames, 1, self.config.hop_length,
+                             decoded_length(self.config, n_frames), tile, decoder_halo_frames(self.config), lengths)
+
+    # ------------------------------------------------------------------ streaming
+    def streaming_decoder(self, batch_size: int = 1):
+        """A ``dac_fast.streaming.StreamingDecoder`` for ``batch_size`` independent code streams:
+        ``push(codes (B, n, f))`` returns the samples now final, ``flush()`` the rest; their concatenation
+        equals ``decode(audio_codes=whole)`` to fp32 rounding. ``lookahead_frames``: frames needed after a
+        frame before all its samples are returned."""
+        from .streaming import StreamingDecoder
+
+        return StreamingDecoder(self, batch_size)
+
+    def streaming_encoder(self, batch_size: int = 1, n_quantizers: int | None = None):
+        """A ``dac_fast.streaming.StreamingEncoder``: ``push(audio (B, 1, s))`` returns the codes of the frames
+        now final, ``flush()`` the rest; together identical to ``encode(whole).audio_codes``."""
+        from .streaming import StreamingEncoder
+
+        return StreamingEncoder(self, batch_size, n_quantizers)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_values: torch.Tensor, n_quantizers: int | None = None, return_dict: bool | None = None):
@@ -722,9 +936,11 @@ class DacModel(nn.Module):
         it does not produce meaningful audio)."""
         from .loading import randomize_
 
-        model = cls(DacConfig.from_preset(name), backend=backend)
-        randomize_(model, seed)
-        return model.to(device=device, dtype=dtype).eval()
+        # ordinary tensors even inside inference_mode, as the loaders make (their weight caches track versions)
+        with torch.inference_mode(False):
+            model = cls(DacConfig.from_preset(name), backend=backend)
+            randomize_(model, seed)
+            return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, directory) -> None:
         """Write config.json, model.safetensors and preprocessor_config.json, loadable by transformers."""

@@ -49,12 +49,15 @@ class DacOutput(ModelOutput):
 
 @dataclass
 class DacEncoderOutput(ModelOutput):
-    """loss (B,), quantized_representation (B, D, F), audio_codes (B, N, F), projected_latents (B, N * d, F)."""
+    """loss (B,), quantized_representation (B, D, F), audio_codes (B, N, F), projected_latents (B, N * d, F);
+    ours, after transformers' fields and only when ``encode`` got a padding_mask: audio_frames (B,), the
+    number of frames of each item (its codes after those are padding)."""
 
     loss: torch.Tensor | None = None
     quantized_representation: torch.Tensor | None = None
     audio_codes: torch.Tensor | None = None
     projected_latents: torch.Tensor | None = None
+    audio_frames: torch.Tensor | None = None
 
 
 @dataclass

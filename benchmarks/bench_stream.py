@@ -1,0 +1,214 @@
+"""Streaming decode and encode against one offline call and against the window approaches in use today.
+
+    python benchmarks/bench_stream.py [--presets 44khz 24khz 16khz] [--seconds 20] [--pushes 1 4 16 64]
+                                      [--quick] [--out benchmarks/results/stream_cpu]
+
+For each preset (seeded random weights in the real shapes, batch 1, fp32, the same codes for every approach):
+
+- dac_fast's streaming decoder at each push size: per-push latency p50/p99, real-time factor (compute /
+  audio duration), total compute against one offline ``decode``, max abs error and SNR against it;
+- Parler-TTS style: every ``--window-step`` new frames, re-decode ALL frames so far and emit the new audio
+  except the last ``hop * step // 6`` samples (Parler's streamer holds back a stride of the newest audio);
+- Orpheus / audio.cpp style: every 7 new frames decode a window of 28 frames (7 frames left context, the 7
+  frames emitted, 14 frames right context) and emit those 7 frames' audio;
+- the streaming encoder (push of 16 frames' samples and an odd size): code agreement with offline ``encode``
+  and compute against it.
+
+``--quick``: 44khz only, pushes 4/16/64. Writes OUT.md, OUT.json and (with matplotlib) OUT.png.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dac_fast import DacModel  # noqa: E402
+from tests.reference import synth_audio  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--presets", nargs="+", default=["44khz", "24khz", "16khz"])
+parser.add_argument("--seconds", type=float, default=20.0)
+parser.add_argument("--pushes", nargs="+", type=int, default=[1, 4, 16, 64])
+parser.add_argument("--window-step", type=int, default=16, help="new frames per Parler-style re-decode")
+parser.add_argument("--quick", action="store_true")
+parser.add_argument("--out", default="benchmarks/results/stream_cpu")
+args = parser.parse_args()
+if args.quick:
+    args.presets, args.pushes = ["44khz"], [4, 16, 64]
+
+
+def error_stats(audio: torch.Tensor, reference: torch.Tensor) -> dict:
+    n = min(audio.shape[-1], reference.shape[-1])
+    diff = (audio[..., :n] - reference[..., :n]).double()
+    noise = diff.pow(2).sum().item()
+    snr = math.inf if noise == 0 else 10 * math.log10(reference[..., :n].double().pow(2).sum().item() / noise)
+    return {"max_abs_error": diff.abs().max().item(), "snr_db": snr, "length": audio.shape[-1],
+            "length_offline": reference.shape[-1]}
+
+
+def latency_stats(times: list, total: float, offline: float, duration: float) -> dict:
+    return {"pushes": len(times), "p50_ms": 1e3 * float(np.percentile(times, 50)),
+            "p99_ms": 1e3 * float(np.percentile(times, 99)), "total_s": total, "rtf": total / duration,
+            "x_offline": total / offline}
+
+
+def run_stream(model, codes, push: int):
+    dec = model.streaming_decoder()
+    outs, times = [], []
+    for start in range(0, codes.shape[-1], push):
+        t = time.perf_counter()
+        outs.append(dec.push(codes[..., start : start + push]))
+        times.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    outs.append(dec.flush())
+    times.append(time.perf_counter() - t)
+    return torch.cat(outs, -1), times
+
+
+def run_growing(model, codes, step: int):
+    """Parler-TTS style: re-decode everything so far at each step, emit all but a held-back stride."""
+    hop = model.config.hop_length
+    holdback = hop * step // 6
+    outs, times, emitted = [], [], 0
+    n = codes.shape[-1]
+    for stop in list(range(step, n, step)) + [n]:
+        t = time.perf_counter()
+        audio = model.decode(audio_codes=codes[..., :stop]).audio_values
+        end = audio.shape[-1] if stop == n else max(emitted, audio.shape[-1] - holdback)
+        outs.append(audio[..., emitted:end])
+        emitted = end
+        times.append(time.perf_counter() - t)
+    return torch.cat(outs, -1), times
+
+
+def run_sliding(model, codes, new: int = 7, left: int = 7, right: int = 14):
+    """Orpheus / audio.cpp style: windows of left + new + right frames, each emitting its middle frames."""
+    hop = model.config.hop_length
+    n = codes.shape[-1]
+    outs, times = [], []
+    for first in range(0, n, new):
+        lo, hi = max(0, first - left), min(n, first + new + right)
+        t = time.perf_counter()
+        audio = model.decode(audio_codes=codes[..., lo:hi]).audio_values
+        end = audio.shape[-1] if hi == n and first + new >= n else (first + new - lo) * hop
+        outs.append(audio[..., (first - lo) * hop : end])
+        times.append(time.perf_counter() - t)
+    return torch.cat(outs, -1), times
+
+
+def run_encoder(model, audio, push: int):
+    enc = model.streaming_encoder()
+    outs, times = [], []
+    for start in range(0, audio.shape[-1], push):
+        t = time.perf_counter()
+        outs.append(enc.push(audio[..., start : start + push]))
+        times.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    outs.append(enc.flush())
+    times.append(time.perf_counter() - t)
+    return torch.cat(outs, -1), times
+
+
+def bench_preset(preset: str) -> list:
+    model = DacModel.from_preset(preset, seed=1)
+    sr, hop = model.config.sampling_rate, model.config.hop_length
+    audio = torch.from_numpy(synth_audio(int(args.seconds * sr), sr, seed=0))[None, None]
+    duration = audio.shape[-1] / sr
+    rows = []
+    with torch.inference_mode():
+        t = time.perf_counter()
+        codes = model.encode(audio).audio_codes
+        encode_s = time.perf_counter() - t
+        t = time.perf_counter()
+        reference = model.decode(audio_codes=codes).audio_values
+        decode_s = time.perf_counter() - t
+        base = {"preset": preset, "seconds": duration, "frames": codes.shape[-1]}
+        rows.append({**base, "approach": "offline decode", "total_s": decode_s, "rtf": decode_s / duration,
+                     "x_offline": 1.0, "max_abs_error": 0.0, "snr_db": math.inf})
+        for push in args.pushes:
+            out, times = run_stream(model, codes, push)
+            rows.append({**base, "approach": f"dac_fast stream, {push}-frame pushes",
+                         **latency_stats(times, sum(times), decode_s, duration), **error_stats(out, reference)})
+            print(rows[-1], flush=True)
+        out, times = run_growing(model, codes, args.window_step)
+        rows.append({**base, "approach": f"Parler-style growing window, step {args.window_step}",
+                     **latency_stats(times, sum(times), decode_s, duration), **error_stats(out, reference)})
+        print(rows[-1], flush=True)
+        out, times = run_sliding(model, codes)
+        rows.append({**base, "approach": "Orpheus-style sliding window, 28 frames per 7 new",
+                     **latency_stats(times, sum(times), decode_s, duration), **error_stats(out, reference)})
+        print(rows[-1], flush=True)
+        rows.append({**base, "approach": "offline encode", "total_s": encode_s, "rtf": encode_s / duration,
+                     "x_offline": 1.0, "code_agreement": 1.0})
+        for push in (16 * hop, 16 * hop + 37):
+            got, times = run_encoder(model, audio, push)
+            same = got.shape == codes.shape
+            rows.append({**base, "approach": f"dac_fast stream encoder, {push}-sample pushes",
+                         **latency_stats(times, sum(times), encode_s, duration),
+                         "code_agreement": (got == codes).float().mean().item() if same else 0.0,
+                         "codes_identical": bool(same and torch.equal(got, codes))})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def markdown(rows: list) -> str:
+    lines = ["| preset | approach | pushes | p50 ms | p99 ms | RTF | x offline | max abs err | SNR dB | codes |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        def f(key, fmt):
+            return format(r[key], fmt) if key in r else ""
+        codes = ""
+        if "code_agreement" in r:
+            codes = "identical" if r.get("codes_identical", r["code_agreement"] == 1.0) else f"{r['code_agreement']:.5f}"
+        lines.append(f"| {r['preset']} | {r['approach']} | {f('pushes', 'd')} | {f('p50_ms', '.1f')} | "
+                     f"{f('p99_ms', '.1f')} | {f('rtf', '.3f')} | {f('x_offline', '.2f')} | "
+                     f"{f('max_abs_error', '.2e')} | {f('snr_db', '.1f')} | {codes} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list, path: str) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "PNG skipped: matplotlib is not installed"
+    decode_rows = [r for r in rows if "p50_ms" in r and "encoder" not in r["approach"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    labels = [f"{r['preset']}\n{r['approach']}" for r in decode_rows]
+    ax1.barh(labels, [r["p99_ms"] for r in decode_rows])
+    ax1.set_xlabel("p99 latency per step (ms)")
+    ax2.barh(labels, [max(r["max_abs_error"], 1e-9) for r in decode_rows])
+    ax2.set_xscale("log")
+    ax2.set_xlabel("max abs error vs offline decode")
+    fig.tight_layout()
+    fig.savefig(path)
+    return f"PNG: {path}"
+
+
+def main():
+    rows = []
+    for preset in args.presets:
+        rows += bench_preset(preset)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+    with open(args.out + ".json", "w") as fh:
+        json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    note = plot(rows, args.out + ".png")
+    table = markdown(rows)
+    with open(args.out + ".md", "w") as fh:
+        fh.write(f"{meta}\n\n{table}\n\n{note}\n")
+    print(table)
+    print(note)
+
+
+if __name__ == "__main__":
+    main()
