@@ -162,8 +162,10 @@ def _residual_chain(units, hidden_state: torch.Tensor, next_alpha: torch.Tensor,
 def _onednn_applies(hidden_state: torch.Tensor) -> bool:
     """CPU fp32 outside the pure-torch backend. There oneDNN's convolution gives every output element the same
     bits whatever the input's length, crop or batch size, which exact tiles, streams and padded batches rely
-    on; F.conv1d would pick a different (native) kernel for small batch-1 inputs."""
+    on; F.conv1d would pick a different (native) kernel for small batch-1 inputs. Not while torch.compile or
+    torch.export traces (the oneDNN op has no fake-tensor kernel): there the graph holds F.conv1d."""
     return (hidden_state.device.type == "cpu" and hidden_state.dtype == torch.float32
+            and not torch.compiler.is_compiling()
             and ops.current_backend() != "torch" and torch.backends.mkldnn.is_available())
 
 

@@ -103,7 +103,8 @@ def test_onnx_export_under_the_torch_backend(model, audio, tmp_path):
 @needs_extension
 def test_torch_compile_traces_through_the_buffer_cache_scope(model, audio):
     """The CPU buffer cache swaps torch's allocator around a tiled call; while Dynamo traces, the scope is a
-    no-op (no graph break, no warning about an untraceable builtin); the compiled calls give the eager audio."""
+    no-op (no graph break, no warning about an untraceable builtin); the compiled calls give the eager audio
+    to rounding."""
     torch._dynamo.reset()
     with torch.no_grad():
         codes = model.encode(audio).audio_codes
@@ -111,7 +112,8 @@ def test_torch_compile_traces_through_the_buffer_cache_scope(model, audio):
         decode = torch.compile(model.decode, backend="eager")  # Dynamo's part: the backend does not matter
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert torch.equal(decode(audio_codes=codes).audio_values, decoded)
+            # traced graphs hold F.conv1d where eager CPU fp32 calls oneDNN directly: equal to rounding
+            torch.testing.assert_close(decode(audio_codes=codes).audio_values, decoded, rtol=0, atol=1e-5)
     assert [str(w.message) for w in caught if "Dynamo" in str(w.message)] == []
     breaks = " ".join(torch._dynamo.utils.counters["graph_break"])
     assert "buffer_cache" not in breaks and "does not know how to trace" not in breaks
