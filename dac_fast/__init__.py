@@ -7,7 +7,7 @@ The public names are imported on first use (PEP 562), so ``import dac_fast.io`` 
 task does not pay for importing torch; ``from dac_fast import DacModel`` works as usual.
 """
 
-import importlib
+from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -29,13 +29,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__():

@@ -292,17 +292,8 @@ def _rvq_weights(n, hidden, device, seed=0):
     return tuple(t.to(device) for t in w)
 
 
-@pytest.fixture
-def no_tf32():
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 @pytest.mark.parametrize("seed", range(8))
-def test_rvq_exact_identical_to_transformers(seed, device, no_tf32):
+def test_rvq_exact_identical_to_transformers(seed, device):
     hidden, n_cb = (1024, 9) if seed < 2 else (256, 6)
     q = _make_transformers_rvq(seed, hidden, n_cb, device)
     w = _weights_of(q)
@@ -324,7 +315,7 @@ def test_rvq_exact_identical_to_transformers(seed, device, no_tf32):
         torch.testing.assert_close(lat, ref_lat, rtol=1e-5, atol=1e-5)
 
 
-def test_rvq_exact_matches_reference_many_seeds(device, no_tf32):
+def test_rvq_exact_matches_reference_many_seeds(device):
     """Cheaper, wider sweep against ops.rvq_encode_reference (which equals transformers op for op)."""
     for seed in range(12):
         w = _rvq_weights(4, 128, device, seed)
@@ -336,7 +327,7 @@ def test_rvq_exact_matches_reference_many_seeds(device, no_tf32):
             assert torch.equal(quant, rq) and torch.equal(lat, rl), seed
 
 
-def test_rvq_fast_agreement_floor(device, no_tf32):
+def test_rvq_fast_agreement_floor(device):
     q = _make_transformers_rvq(3, 1024, 9, device)
     w = _weights_of(q)
     z = _x((2, 1024, 200), device, seed=7, scale=1.0)
@@ -354,7 +345,7 @@ def test_rvq_fast_agreement_floor(device, no_tf32):
         torch.testing.assert_close(fl.masked_select(m), lat.masked_select(m), rtol=1e-4, atol=1e-4)
 
 
-def test_rvq_poisoned_outputs(device, monkeypatch, no_tf32):
+def test_rvq_poisoned_outputs(device, monkeypatch):
     monkeypatch.setenv("DAC_FAST_POISON", "1")
     w = _rvq_weights(3, 64, device)
     z = _x((2, 64, 31), device, scale=1.0)

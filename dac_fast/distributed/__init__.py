@@ -42,7 +42,7 @@ Shards are the source of truth for completion and are written atomically, so re-
 the same ``output`` skips completed inputs and retries the rest.
 """
 
-import importlib
+from .._lazy import lazy_getattr
 
 # public name -> submodule that defines it
 _EXPORTS = {
@@ -71,13 +71,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__():
