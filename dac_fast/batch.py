@@ -15,9 +15,12 @@ changes the codes of its last few frames (measured: the last ~4 of 20 frames dif
 default ``bucket="exact"`` only batches items with the same frame count ``ceil(n / hop)``
 (after right-padding each item to a multiple of the hop, as the original ``preprocess``
 does): the codes are then bit-for-bit those of encoding each file alone. Datasets of
-fixed-length clips batch fully; for variable-length material ``bucket="pad"`` batches
-neighbours in sorted order, pads to the longest and trims codes to ``ceil(n / hop)`` per item
-(faster, but the last few frames of shorter items can differ from a solo encode).
+fixed-length clips batch fully. ``bucket="mask"`` batches neighbours in sorted order of any
+lengths and passes dac_fast's ``encode(padding_mask=)``, which zeroes each item's input past its
+own length at every layer: codes again identical to encoding each file alone (dac_fast models
+only). ``bucket="pad"`` batches neighbours padded to the longest without a mask and trims codes
+to ``ceil(n / hop)`` per item (any model, but the last few frames of shorter items can differ
+from a solo encode).
 
 Long files: the model tiles long inputs internally with a halo so that codes equal the
 whole-file codes and memory is bounded by the tile (``tile_frames`` is passed through when
@@ -58,6 +61,7 @@ AUDIO_EXTENSIONS = (
 )
 CODE_EXTENSIONS = (".dac", ".json")
 FORMATS = ("dac", "npy")
+BUCKETS = ("exact", "mask", "pad")  # how the encoder groups items into batches (module docstring)
 PRESET_NAMES = tuple(PRESETS)
 SUBTYPES = {"pcm16": "PCM_16", "pcm24": "PCM_24", "float": "FLOAT"}
 
@@ -435,10 +439,22 @@ def _plan(expanded, out_of, log: OutputLog, intact, overwrite: bool, report: Rep
     return jobs
 
 
-def encode_rows(model, rows: list, frames: list, hop: int, device, dtype, n_quantizers=None, **encode_kwargs):
+def supports_padding_mask(model) -> bool:
+    """Whether ``model.encode`` takes ``padding_mask`` (dac_fast's DacModel: each item of a padded batch is
+    encoded exactly as if alone)."""
+    try:
+        return "padding_mask" in inspect.signature(model.encode).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def encode_rows(model, rows: list, frames: list, hop: int, device, dtype, n_quantizers=None, masked=False,
+                **encode_kwargs):
     """The model step of every encoder (files, Ray actors): zero-pad each item's rows (channels, samples) to
     the longest item's ``frames * hop``, encode all rows in one call, and return each item's codes
-    (channels, n_codebooks, its own frames) as int64 numpy arrays."""
+    (channels, n_codebooks, its own frames) as int64 numpy arrays. ``masked`` (for models that
+    ``supports_padding_mask``): items of different frame counts get a padding mask, so each item's codes
+    equal encoding it alone."""
     import torch
 
     n_rows = sum(r.shape[0] for r in rows)
@@ -451,6 +467,10 @@ def encode_rows(model, rows: list, frames: list, hop: int, device, dtype, n_quan
     x = _to_device(buf, device).to(dtype)
     if n_quantizers is not None:
         encode_kwargs["n_quantizers"] = n_quantizers
+    if masked and len(set(frames)) > 1:
+        # each row is real (its item's padded length, frames * hop) up to there, padding after
+        lengths = torch.tensor([f * hop for r, f in zip(rows, frames) for _ in range(r.shape[0])])
+        encode_kwargs["padding_mask"] = _to_device(torch.arange(buf.shape[-1]) < lengths[:, None], device)
     with torch.inference_mode():
         out = model.encode(x, return_dict=True, **encode_kwargs)
     codes = out.audio_codes if hasattr(out, "audio_codes") else out[1]
@@ -517,8 +537,8 @@ def encode_files(
 
     ``inputs``: files, directories (searched recursively for audio extensions) and glob
     patterns. ``model``: a model object or a spec for :func:`load_model` (``seed`` for presets).
-    ``batch_size`` counts rows (a stereo file is two rows). ``bucket``: "exact" (default) or "pad"
-    (see the module docstring). ``normalize_db``: loudness target (None: no normalization).
+    ``batch_size`` counts rows (a stereo file is two rows). ``bucket``: "exact" (default), "mask" or
+    "pad" (see the module docstring). ``normalize_db``: loudness target (None: no normalization).
     ``tile_frames``: passed to the model's encode (its exact tiling of long inputs).
     ``prefetch_memory``: about how many bytes of decoded audio may be loaded ahead of the model
     (at least one file always is). Existing outputs are trusted only as ``dac_fast.resume``
@@ -528,13 +548,14 @@ def encode_files(
     t0 = time.perf_counter()
     if format not in FORMATS:
         raise UserError(f"must be one of {FORMATS}, got {format!r}", "format")
-    if bucket not in ("exact", "pad"):
-        raise UserError(f"must be 'exact' or 'pad', got {bucket!r}", "bucket")
+    if bucket not in BUCKETS:
+        raise UserError(f"must be one of {BUCKETS}, got {bucket!r}", "bucket")
     model, output_dir = _start(model, output_dir, n_quantizers, batch_size, workers, device, dtype)
     report = Report(task="encode")
     expanded, report.failures = expand_inputs(inputs, AUDIO_EXTENSIONS)
     log = OutputLog(output_dir, _setup("encode", model, seed, dtype, n_quantizers=n_quantizers,
-                                       normalize_db=normalize_db, bucket=bucket))
+                                       # "mask" gives the codes of "exact": outputs of either are one setup
+                                       normalize_db=normalize_db, bucket="exact" if bucket == "mask" else bucket))
     jobs = _plan(expanded, lambda rel: encoded_output(output_dir, rel, format), log, _codes_intact, overwrite, report)
     if not jobs:
         return _finish(report, log, t0)
@@ -543,6 +564,9 @@ def encode_files(
     dev, mdtype = _model_device_dtype(model)
     sr, hop = model_rate_and_hop(model)
     nq = _check_nq(n_quantizers, model) if n_quantizers is not None else None
+    if bucket == "mask" and not supports_padding_mask(model):
+        raise UserError("'mask' needs a model whose encode takes padding_mask (dac_fast's DacModel); "
+                        "use 'exact' or 'pad'", "bucket")
     enc_kwargs = {}
     if tile_frames is not None and _accepts(model.encode, "tile_frames"):
         enc_kwargs["tile_frames"] = int(tile_frames)
@@ -575,7 +599,7 @@ def encode_files(
 
     def model_fn(batch: list[_Item]):
         return encode_rows(model, [it.rows for it in batch], [it.frames for it in batch], hop, dev, mdtype, nq,
-                           **enc_kwargs)
+                           masked=bucket == "mask", **enc_kwargs)
 
     def write_fn(it: _Item, codes):
         m = it.meta

@@ -121,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(enc, "encode")
     enc.add_argument("--format", default="dac", choices=["dac", "npy"],
                      help="dac: the original package's .dac files (default); npy: NAME.codes.npy + NAME.json")
-    enc.add_argument("--bucket", default="exact", choices=["exact", "pad"],
+    enc.add_argument("--bucket", default="exact", choices=["exact", "mask", "pad"],
                      help="exact: batch only equal-length items, codes identical to one-file-at-a-time "
-                          "(default); pad: batch neighbours padded to the longest, faster on variable "
-                          "lengths but the last few frames of shorter items may differ")
+                          "(default); mask: batch neighbours of any length with a padding mask, codes "
+                          "also identical to one-file-at-a-time; pad: batch neighbours padded to the "
+                          "longest without a mask, the last few frames of shorter items may differ")
     from .distributed import add_ray_arguments  # ray itself is imported only when --ray is used
 
     add_ray_arguments(enc)
