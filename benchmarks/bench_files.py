@@ -1,7 +1,7 @@
 """File-pipeline throughput: files/s and audio hours per hour for encode_files / decode_files.
 
     .venv/bin/python benchmarks/bench_files.py [--preset 16khz] [--files 16] [--seconds 2]
-        [--threads 2] [--device cpu] [--batch-sizes 1 8] [--json out.json]
+        [--threads 2] [--device cpu] [--batch-sizes 1 8] [--buckets exact mask] [--variable] [--json out.json]
 
 Generates a synthetic corpus (speech-like and music-like clips from dac_fast.demo, equal
 lengths as in segmented datasets, at a non-model rate so resampling is included), then times
@@ -94,13 +94,15 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--variable", action="store_true", help="variable lengths (0.5x-1.5x) instead of equal")
+    ap.add_argument("--buckets", nargs="+", default=["exact"], choices=["exact", "mask", "pad"],
+                    help="encode_files bucket modes to time side by side (decode runs once per batch size)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the JSON here")
     ap.add_argument("--null-model", action="store_true",
                     help="also time the pipeline alone with an instant stand-in model (same config)")
     args = ap.parse_args(argv)
 
-    from dac_fast.cli import tune_allocator
+    from dac_fast.runtime import tune_allocator
 
     tuned = tune_allocator()
     import torch
@@ -115,22 +117,40 @@ def main(argv=None):
         # warm-up (first-call allocations, lazy inits) on one file
         encode_files([work / "audio" / "clip0000.flac"], work / "warm", model, progress=False)
         results = []
-        runs = [(m, bs) for m in (["model"] + (["null"] if args.null_model else [])) for bs in args.batch_sizes]
+        runs = [(m, bs, b) for m in (["model"] + (["null"] if args.null_model else [])) for bs in args.batch_sizes
+                for b in (args.buckets if m == "model" else ["exact"])]
         null = NullModel(model.config)
-        for which, bs in runs:
+        for which, bs, bucket in runs:
             for task in ("encode", "decode"):
-                src = work / "audio" if task == "encode" else work / f"codes_{which}_bs{bs}"
-                dst = work / (f"codes_{which}_bs{bs}" if task == "encode" else f"dec_{which}_bs{bs}")
+                if task == "decode" and bucket != args.buckets[0] and which == "model":
+                    continue  # the codes are the same: decode once per batch size
+                src = work / "audio" if task == "encode" else work / f"codes_{which}_bs{bs}_{bucket}"
+                dst = work / (f"codes_{which}_bs{bs}_{bucket}" if task == "encode" else f"dec_{which}_bs{bs}")
+                kw = {"bucket": bucket} if task == "encode" else {}
                 fn = encode_files if task == "encode" else decode_files
                 rep = fn([src], dst, model if which == "model" else null, batch_size=bs, workers=args.workers,
-                         progress=False)
+                         progress=False, **kw)
                 assert rep.ok, rep.summary()
                 results.append({
-                    "task": task, "model": args.preset if which == "model" else "null (pipeline only)", "batch_size": bs, "files": len(rep.done), "audio_seconds": round(rep.audio_seconds, 3),
+                    "task": task + (f" ({bucket})" if task == "encode" else ""),
+                    "model": args.preset if which == "model" else "null (pipeline only)", "batch_size": bs, "files": len(rep.done), "audio_seconds": round(rep.audio_seconds, 3),
                     "wall_seconds": round(rep.wall_seconds, 3), "model_seconds": round(rep.model_seconds, 3),
                     "files_per_second": round(rep.files_per_second, 3),
                     "audio_hours_per_hour": round(rep.speed, 3), "rtf": round(rep.realtime_factor, 4),
                 })
+        # codes of every bucket mode against the first one's, file by file (exact modes must agree fully)
+        from dac_fast.dacfile import DacFile
+
+        agreement = {}
+        for bs in args.batch_sizes:
+            ref_dir = work / f"codes_model_bs{bs}_{args.buckets[0]}"
+            for bucket in args.buckets[1:]:
+                same = total = 0
+                for ref in sorted(ref_dir.rglob("*.dac")):
+                    a = DacFile.load(ref).codes
+                    b = DacFile.load(work / f"codes_model_bs{bs}_{bucket}" / ref.relative_to(ref_dir)).codes
+                    same, total = same + int((a == b).sum()), total + a.size
+                agreement[f"{bucket} vs {args.buckets[0]}, batch {bs}"] = round(same / max(total, 1), 6)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -143,10 +163,13 @@ def main(argv=None):
         "corpus": f"{args.files} files x {args.seconds} s {'(variable 0.5-1.5x)' if args.variable else '(equal length)'}"
                   f" at {args.source_rate} Hz, flac, speech-/music-like",
         "model_class": type(model).__module__ + "." + type(model).__name__,
+        "code_agreement": agreement,
     }
     print(f"\ncommand: {meta['command']}\ndate: {meta['date']}\nmachine: {meta['machine']}\n"
           f"model: {args.preset} ({meta['model_class']}, random weights), device {args.device}, "
           f"allocator tuned: {tuned}\ncorpus: {meta['corpus']}\n")
+    for what, rate in agreement.items():
+        print(f"codes equal, {what}: {rate:.6f}")
     print("| task | model | batch | files | audio s | wall s | model s | files/s | audio h per h | RTF |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
