@@ -710,7 +710,7 @@ class DacModel(nn.Module):
             raise ValueError(f"audio_codes is empty: shape {tuple(audio_codes.shape)}")
         if torch.compiler.is_compiling():  # the value range is data-dependent: checked in eager calls only
             return
-        lo, hi = int(audio_codes.min()), int(audio_codes.max())
+        lo, hi = torch.stack(torch.aminmax(audio_codes)).tolist()  # one device sync for both bounds
         if lo < 0 or hi >= self.config.codebook_size:
             raise ValueError(
                 f"audio_codes must lie in [0, {self.config.codebook_size}), got values in [{lo}, {hi}]"
