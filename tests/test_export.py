@@ -94,7 +94,7 @@ def test_onnx_export_under_the_torch_backend(model, audio, tmp_path):
     pytest.importorskip("onnxscript")
     with torch.no_grad(), ops.backend("torch"):
         codes = model.encode(audio).audio_codes
-        torch.onnx.export(Decode(model), (codes,), tmp_path / "decoder.onnx", dynamo=True)
+        torch.onnx.export(Decode(model).eval(), (codes,), tmp_path / "decoder.onnx", dynamo=True)
     graph = onnx.load(tmp_path / "decoder.onnx")
     onnx.checker.check_model(graph)
     assert not any(node.domain.startswith("dac_fast") for node in graph.graph.node)
