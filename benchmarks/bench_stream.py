@@ -181,8 +181,8 @@ def plot(rows: list, path: str) -> str:
     except ImportError:
         return "PNG skipped: matplotlib is not installed"
     decode_rows = [r for r in rows if "p50_ms" in r and "encoder" not in r["approach"]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    labels = [f"{r['preset']}\n{r['approach']}" for r in decode_rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 1.5 + 0.33 * len(decode_rows)), sharey=True)
+    labels = [f"{r['preset']}: {r['approach'].replace(' frames per ', '/')}" for r in decode_rows]
     ax1.barh(labels, [r["p99_ms"] for r in decode_rows])
     ax1.set_xlabel("p99 latency per step (ms)")
     ax2.barh(labels, [max(r["max_abs_error"], 1e-9) for r in decode_rows])
