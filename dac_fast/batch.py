@@ -435,7 +435,7 @@ def _plan(expanded, out_of, log: OutputLog, intact, overwrite: bool, report: Rep
         out, why = foreign[0]
         raise UserError(
             f"{len(foreign)} existing output(s) in {log.output_dir} were made with a different setup ({why}), "
-            f"e.g. {out}. Use another output directory, or overwrite to redo them.", "output_dir")
+            f"e.g. {out}. Use another output directory, or overwrite=True (--overwrite) to redo them.", "output_dir")
     return jobs
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import textwrap
@@ -169,11 +170,15 @@ def _sigterm_to_interrupt(signum, frame):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "info":
-        return _info(args)
-    if args.command == "doctor":
-        return _doctor(args)
-    return _run(args)
+    try:
+        if args.command == "info":
+            return _info(args)
+        if args.command == "doctor":
+            return _doctor(args)
+        return _run(args)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _run(args) -> int:

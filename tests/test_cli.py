@@ -152,6 +152,20 @@ def test_info_on_a_directory(tmp_path, capsys):
     assert "(of the encoded audio, not the model's)" in out and "inferred from frames and duration" in out
 
 
+def test_output_piped_into_a_closed_pipe_is_no_traceback(tmp_path):
+    """`dac-fast info DIR | head -1`: the reader goes away; the CLI stops quietly as Unix tools do."""
+    rng = np.random.default_rng(1)
+    for i in range(300):
+        DacFile(codes=rng.integers(0, 1024, (1, 2, 5)), input_db=[-20.0], original_length=1600, sample_rate=16000,
+                chunk_length=5, channels=1).save(tmp_path / f"f{i:03d}.dac")
+    proc = subprocess.Popen([sys.executable, "-m", "dac_fast.cli", "info", str(tmp_path)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO))
+    proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) != 0 and "Traceback" not in err, err
+
+
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
