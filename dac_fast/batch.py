@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from . import io as aio
-from .configuration import PRESETS
+from .configuration import PRESETS, n_quantizers_problem
 from .dacfile import DacFile, DacFileError, load_any
 from .resume import OutputLog, model_identity
 from .runner import Failure, Report, _Item, _run, _to_device, run_with_fallback  # noqa: F401 (re-exported)
@@ -238,10 +238,10 @@ def check_n_quantizers(n_quantizers, n_codebooks: int | None = None) -> int | No
     """``n_quantizers`` as an int in 1..n_codebooks (None passes through); :class:`UserError` otherwise."""
     if n_quantizers is None:
         return None
-    nq = int(n_quantizers)
-    if nq < 1 or (n_codebooks and nq > n_codebooks):
-        limit = f"1..{n_codebooks}" if n_codebooks else ">= 1"
-        raise UserError(f"must be in {limit} (the model's codebooks), got {nq}", "n_quantizers")
+    nq = int(n_quantizers) if isinstance(n_quantizers, np.integer) else n_quantizers
+    problem = n_quantizers_problem(nq, n_codebooks)
+    if problem:
+        raise UserError(problem, "n_quantizers")
     return nq
 
 

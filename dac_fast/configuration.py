@@ -179,3 +179,13 @@ def hop_length_for_rate(sampling_rate: int) -> int | None:
     hops = {DacConfig.from_preset(name).hop_length for name, preset in PRESETS.items()
             if preset["sampling_rate"] == sampling_rate}
     return hops.pop() if len(hops) == 1 else None
+
+
+def n_quantizers_problem(n_quantizers, n_codebooks: int | None) -> str | None:
+    """Why ``n_quantizers`` is not a codebook count for a model of ``n_codebooks`` codebooks (None: unknown),
+    or None when it is one. One wording for ``DacModel.encode`` and the file tools."""
+    if (isinstance(n_quantizers, bool) or not isinstance(n_quantizers, int) or n_quantizers < 1
+            or (n_codebooks and n_quantizers > n_codebooks)):
+        limit = f"in [1, {n_codebooks}] (the model's codebooks)" if n_codebooks else ">= 1"
+        return f"must be an integer {limit}, got {n_quantizers!r}"
+    return None

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .configuration import DacConfig
+from .configuration import DacConfig, n_quantizers_problem
 from .feature_extraction import pcm_to_float
 from .outputs import DacDecoderOutput, DacEncoderOutput, DacOutput
 
@@ -693,8 +693,9 @@ class DacModel(nn.Module):
             return n
         if isinstance(n_quantizers, torch.Tensor) and n_quantizers.numel() == 1:
             n_quantizers = int(n_quantizers.item())
-        if isinstance(n_quantizers, bool) or not isinstance(n_quantizers, int) or not 1 <= n_quantizers <= n:
-            raise ValueError(f"n_quantizers must be an integer in [1, {n}], got {n_quantizers!r}")
+        problem = n_quantizers_problem(n_quantizers, n)
+        if problem:
+            raise ValueError(f"n_quantizers {problem}")
         return n_quantizers
 
     def _check_codes(self, audio_codes: torch.Tensor) -> None:

@@ -448,8 +448,8 @@ def test_bad_arguments_and_output_dir_fail_before_the_model_loads(tmp_path, monk
     cases = [
         (dict(output_dir=tmp_path / "file"), "output_dir", "exists and is not a directory"),
         (dict(output_dir=tmp_path / "file" / "sub"), "output_dir", "cannot write to"),
-        (dict(n_quantizers=13), "n_quantizers", "must be in 1..12"),
-        (dict(n_quantizers=0), "n_quantizers", "must be in"),
+        (dict(n_quantizers=13), "n_quantizers", r"must be an integer in \[1, 12\]"),
+        (dict(n_quantizers=0), "n_quantizers", "must be an integer >= 1, got 0"),
         (dict(batch_size=0), "batch_size", "must be >= 1"),
         (dict(format="mp3"), "format", "must be one of"),
         (dict(dtype="int8"), "dtype", "unknown dtype"),

@@ -104,8 +104,8 @@ def test_user_errors_exit_two_without_traceback_before_the_model_loads(tmp_path,
     out = str(tmp_path / "o")
     cases = [
         (["--model", "16khz"], "pass --random-weights"),
-        (["--model", "16khz", "--random-weights", "--n-quantizers", "99"], "--n-quantizers: must be in 1..12"),
-        (["--model", "16khz", "--random-weights", "--n-quantizers", "0"], "--n-quantizers: must be in"),
+        (["--model", "16khz", "--random-weights", "--n-quantizers", "99"], "--n-quantizers: must be an integer in [1, 12] (the model's codebooks), got 99"),
+        (["--model", "16khz", "--random-weights", "--n-quantizers", "0"], "--n-quantizers: must be an integer >= 1, got 0"),
         (["--model", "16khz", "--random-weights", "--batch-size", "0"], "--batch-size: must be >= 1"),
         (["--model", str(tmp_path / "nope.pth")], "nope.pth does not exist"),
         (["--model", "no_such_model"], "presets with random weights: 16khz, 24khz, 44khz, 44khz_16kbps"),
