@@ -7,7 +7,7 @@ The public names are imported on first use (PEP 562), so ``import dac_fast.io`` 
 task does not pay for importing torch; ``from dac_fast import DacModel`` works as usual.
 """
 
-from ._lazy import lazy_getattr
+from ._lazy import lazy_module
 
 __version__ = "0.1.0"
 
@@ -27,10 +27,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_module(__name__, _EXPORTS)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 
 
-def lazy_getattr(package: str, exports: dict[str, str]):
-    """A module ``__getattr__`` for ``package`` that imports ``exports[name]`` (a submodule) on first use."""
+def lazy_module(package: str, exports: dict[str, str]):
+    """``(__getattr__, __dir__)`` for ``package``: ``__getattr__`` imports ``exports[name]`` (a submodule) on
+    first use; ``__dir__`` lists the module's globals and every export."""
 
     def __getattr__(name):
         module = exports.get(name)
@@ -16,4 +17,7 @@ def lazy_getattr(package: str, exports: dict[str, str]):
         vars(importlib.import_module(package))[name] = value  # later lookups skip __getattr__
         return value
 
-    return __getattr__
+    def __dir__():
+        return sorted(set(vars(importlib.import_module(package))) | set(exports))
+
+    return __getattr__, __dir__

@@ -42,7 +42,7 @@ Shards are the source of truth for completion and are written atomically, so re-
 the same ``output`` skips completed inputs and retries the rest.
 """
 
-from .._lazy import lazy_getattr
+from .._lazy import lazy_module
 
 # public name -> submodule that defines it
 _EXPORTS = {
@@ -69,10 +69,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_module(__name__, _EXPORTS)
