@@ -352,15 +352,15 @@ class DacResidualVectorQuantizer(nn.Module):
             return self._forward_inference(hidden_state, n_quantizers)
         return self._forward_reference(hidden_state, n_quantizers)
 
-    def encode_frames(self, hidden_state: torch.Tensor, n_quantizers: int):
+    def encode_frames(self, hidden_state: torch.Tensor, n_quantizers: int, stacked=None):
         """Inference quantization (B, D, F) -> codes (B, n, F), quantized (B, D, F), latents (B, n * d, F).
 
         Every frame is quantized independently, and on CPU its codes do not depend on the batch size or the
         number of frames: ATen runs the quantizer's 1x1 convolutions on oneDNN only for batches of two or
         more (a native kernel with other rounding for small single items), so one item is folded into two
-        halves of its frames.
+        halves of its frames. ``stacked``: ``stacked_parameters()`` when the caller already has them.
         """
-        in_w, in_b, codebook, out_w, out_b = self.stacked_parameters()
+        in_w, in_b, codebook, out_w, out_b = stacked if stacked is not None else self.stacked_parameters()
         batch, _, frames = hidden_state.shape
         fold = batch == 1 and frames > 0 and _onednn_applies(hidden_state)
         if fold:
@@ -376,8 +376,9 @@ class DacResidualVectorQuantizer(nn.Module):
         return codes, quantized, latents
 
     def _forward_inference(self, hidden_state: torch.Tensor, n_quantizers: int):
-        in_w, in_b, codebook, out_w, out_b = self.stacked_parameters()
-        codes, quantized, latents = self.encode_frames(hidden_state, n_quantizers)
+        stacked = self.stacked_parameters()
+        codebook = stacked[2]
+        codes, quantized, latents = self.encode_frames(hidden_state, n_quantizers, stacked)
         # The losses as the reference computes them: mean squared distance between each latent and its
         # codebook row, summed over codebooks, one value per batch item.
         batch = hidden_state.shape[0]
