@@ -53,7 +53,7 @@ from . import io as aio
 from .configuration import PRESETS, n_quantizers_problem
 from .dacfile import DacFile, DacFileError, load_any
 from .resume import OutputLog, model_identity
-from .runner import Failure, Report, _Item, _run, _to_device, run_with_fallback  # noqa: F401 (re-exported)
+from .runner import Failure, Report, _Item, _run, _to_device  # noqa: F401 (re-exported)
 
 AUDIO_EXTENSIONS = (
     ".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc",
@@ -180,12 +180,6 @@ def check_device(device) -> Any:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(f"{device!r} requested but only {torch.cuda.device_count()} CUDA device(s) are visible", "device")
     return dev
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def parse_dtype(dtype):
@@ -563,7 +557,7 @@ def encode_files(
     model = load_model(model, device, dtype, seed=seed)
     dev, mdtype = _model_device_dtype(model)
     sr, hop = model_rate_and_hop(model)
-    nq = _check_nq(n_quantizers, model) if n_quantizers is not None else None
+    nq = _check_nq(n_quantizers, model)
     if bucket == "mask" and not supports_padding_mask(model):
         raise UserError("'mask' needs a model whose encode takes padding_mask (dac_fast's DacModel); "
                         "use 'exact' or 'pad'", "bucket")
@@ -571,18 +565,20 @@ def encode_files(
     if tile_frames is not None and _accepts(model.encode, "tile_frames"):
         enc_kwargs["tile_frames"] = int(tile_frames)
 
-    def header(job):
+    def header(src):
         try:
-            return aio.audio_info(job[0])
+            return aio.audio_info(src)
         except Exception:
             return None
 
-    # sort by duration from headers (cheap) so equal/similar lengths meet in the bucketer
-    jobs.sort(key=lambda job: (lambda h: h[2] / h[0] if h else 0.0)(header(job)))
+    # each header read once (cheap): sort by duration so equal/similar lengths meet in the bucketer,
+    # and size the prefetch window
+    headers = {job[0]: header(job[0]) for job in jobs}
+    jobs.sort(key=lambda job: (lambda h: h[2] / h[0] if h else 0.0)(headers[job[0]]))
 
     def size_fn(job):
         # float32 at the source rate and at the model rate, plus pyloudnorm's float64 working copies
-        h = header(job)
+        h = headers[job[0]]
         return h[1] * h[2] * 4 * (1 + 3 * max(1.0, sr / h[0])) if h else 0
 
     def load_fn(i, job):
@@ -681,7 +677,7 @@ def decode_files(
     dev, mdtype = _model_device_dtype(model)
     sr, hop = model_rate_and_hop(model)
     n_cb = _n_codebooks(model.config)
-    nq = _check_nq(n_quantizers, model) if n_quantizers is not None else None
+    nq = _check_nq(n_quantizers, model)
     cb_size = int(getattr(model.config, "codebook_size", 1024))
     dec_kwargs = {}
     if tile_frames is not None and _accepts(model.decode, "tile_frames"):

@@ -102,6 +102,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, task: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .batch import BUCKETS, FORMATS, SUBTYPES  # the choices the API accepts (no torch import)
+
     parser = argparse.ArgumentParser(
         prog="dac-fast",
         description="Fast Descript Audio Codec: encode audio files to discrete codes (.dac files, "
@@ -120,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "separately. Codes equal whole-file codes (long files are tiled exactly by the model).",
         epilog=ENCODE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_arguments(enc, "encode")
-    enc.add_argument("--format", default="dac", choices=["dac", "npy"],
+    enc.add_argument("--format", default="dac", choices=FORMATS,
                      help="dac: the original package's .dac files (default); npy: NAME.codes.npy + NAME.json")
-    enc.add_argument("--bucket", default="exact", choices=["exact", "mask", "pad"],
+    enc.add_argument("--bucket", default="exact", choices=BUCKETS,
                      help="exact: batch only equal-length items, codes identical to one-file-at-a-time "
                           "(default); mask: batch neighbours of any length with a padding mask, codes "
                           "also identical to one-file-at-a-time; pad: batch neighbours padded to the "
@@ -139,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(dec, "decode")
     dec.add_argument("--format", default="wav", choices=["wav", "flac", "ogg"],
                      help="audio file format (default: %(default)s)")
-    dec.add_argument("--subtype", default="pcm16", choices=["pcm16", "pcm24", "float"],
+    dec.add_argument("--subtype", default="pcm16", choices=list(SUBTYPES),
                      help="samples of wav/flac outputs: 16-bit (default, as the original), 24-bit, or "
                           "32-bit float (wav only). The .dac file does not record the input's sample format")
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .configuration import CONFIG_NAME, DacConfig, hop_length_for_rate
-from .loading import PREPROCESSOR_NAME
+from .loading import PREPROCESSOR_NAME, _resolve_directory
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,6 @@ class DacFeatureExtractor:
     def from_pretrained(cls, path_or_id) -> "DacFeatureExtractor":
         """Read ``preprocessor_config.json`` from a directory, a hub id or the file itself; a model directory
         without one gives the extractor matching its ``config.json``."""
-        from .loading import _resolve_directory
-
         path = os.fspath(path_or_id)
         if not os.path.isfile(path):
             directory = _resolve_directory(path)

@@ -72,9 +72,7 @@ def require(module: str, purpose: str):
 
     try:
         return importlib.import_module(module)
-    except ImportError as exc:  # OSError too: soundfile raises it when libsndfile itself is missing
-        cause = exc
-    except OSError as exc:
+    except (ImportError, OSError) as exc:  # OSError: soundfile raises it when libsndfile itself is missing
         cause = exc
     top = module.split(".")[0]
     package, install = _OPTIONAL.get(top, (top, f"pip install {top}"))

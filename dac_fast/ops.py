@@ -74,7 +74,7 @@ def _jit_build_directory(with_cuda: bool) -> str:
 
 
 def _jit_build():
-    """Compile (or reuse the cached build of) the extension; returns the module."""
+    """Compile (or reuse the cached build of) the extension; returns (the module, its build directory)."""
     import fcntl
     import json
     import logging
@@ -105,7 +105,6 @@ def _jit_build():
         files += [os.path.join(sources, s) for s in _build.CUDA_SOURCES]
         cuda_flags = _build.nvcc_flags(torch.__version__)
     cflags = _build.cxx_flags(torch.__version__) + (["-DDAC_FAST_WITH_CUDA=1"] if with_cuda else [])
-    built = os.path.exists(os.path.join(directory, "_C.so"))
     # Our own lock first: flock is released by the kernel when its holder dies, so a build killed
     # midway never blocks the next one. Older torch guards its build with a lock FILE that a killed
     # builder leaves behind (every later load then waits forever): inside our lock nobody else can
@@ -116,7 +115,7 @@ def _jit_build():
         except BlockingIOError:
             print(f"dac_fast: waiting for another process compiling the kernels in {directory}", file=sys.stderr)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        built = built or os.path.exists(os.path.join(directory, "_C.so"))
+        built = os.path.exists(os.path.join(directory, "_C.so"))
         if not built:
             print(f"dac_fast: compiling the {'CPU + CUDA' if with_cuda else 'CPU'} kernels for torch {torch.__version__} "
                   f"into {directory} (first use only, about {'5-10' if with_cuda else '1-4'} min; DAC_FAST_JIT=0 skips "

@@ -19,7 +19,7 @@ from .. import io as aio
 from ..batch import encoded_output
 from ..dacfile import DacFile
 from ..runner import run_with_fallback
-from .schema import DAC_DIR, SHARDS_DIR, shard_table
+from .schema import DAC_DIR, SHARDS_DIR, codes_from_row, pq, shard_table
 
 # Fault injection, tests only; the variables are read in the workers, so set them before Ray starts.
 CRASH_ENV = "DAC_FAST_TEST_CRASH_ON"  # read workers die on paths containing this value
@@ -274,8 +274,6 @@ class Writer:
                 "codes": bytes(batch["codes"][i]), "input_db": [float(batch["input_db"][i])],
             } for i in ok])
             try:
-                import pyarrow.parquet as pq
-
                 with aio.atomic_path(self.output / SHARDS_DIR / shard) as tmp:
                     pq.write_table(table, str(tmp))
             except Exception as exc:
@@ -295,7 +293,7 @@ class Writer:
         """Write one input's .dac file; returns "" or the error."""
         try:
             c = int(batch["channels"][i])
-            codes = np.frombuffer(batch["codes"][i], dtype="<u2").reshape(c, int(batch["n_codebooks"][i]), -1)
+            codes = codes_from_row({k: batch[k][i] for k in ("codes", "channels", "n_codebooks", "frames")})
             f = DacFile(codes=codes, input_db=np.array([batch["input_db"][i]], np.float32),
                         original_length=int(batch["original_length"][i]), sample_rate=int(batch["sample_rate"][i]),
                         chunk_length=codes.shape[-1], channels=c, padding=True)
