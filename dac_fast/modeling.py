@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 
 import torch
 import torch.nn as nn
@@ -169,12 +170,65 @@ def _onednn_applies(hidden_state: torch.Tensor) -> bool:
             and ops.current_backend() != "torch" and torch.backends.mkldnn.is_available())
 
 
-def conv_arithmetic(conv: nn.Conv1d, hidden_state: torch.Tensor, padding: int) -> torch.Tensor:
-    """``conv``'s arithmetic with ``padding`` zeros on each side (its own padding offline, 0 on a stream window)."""
+def conv_arithmetic(conv: nn.Conv1d, hidden_state: torch.Tensor, padding: int, packed: bool = False) -> torch.Tensor:
+    """``conv``'s arithmetic with ``padding`` zeros on each side (its own padding offline, 0 on a stream window).
+    ``packed``: see ``packed_conv1d``."""
+    args = (conv.weight, conv.bias, padding, conv.stride[0], conv.dilation[0], conv.groups)
+    if packed:
+        return packed_conv1d(conv, weight_key(conv), hidden_state, *args)
+    return _conv1d(hidden_state, *args)
+
+
+def _conv1d(hidden_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, stride: int,
+            dilation: int, groups: int) -> torch.Tensor:
     if _onednn_applies(hidden_state):
-        return torch.mkldnn_convolution(hidden_state.contiguous(), conv.weight, conv.bias, (padding,), conv.stride,
-                                        conv.dilation, conv.groups)
-    return F.conv1d(hidden_state, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+        return torch.mkldnn_convolution(hidden_state.contiguous(), weight, bias, (padding,), (stride,), (dilation,),
+                                        groups)
+    return F.conv1d(hidden_state, weight, bias, stride, padding, dilation, groups)
+
+
+# weights of at least 1 Mi elements (768 channels and up) are worth packing: below it oneDNN's per-call re-pack costs less than the
+# convolution itself, and a packed layout chosen for one window width can run slower at another
+_PACK_MIN_NUMEL = 1024 * 1024
+# owner module -> (key, packed weight); beside the modules, not on them: oneDNN tensors cannot be deep-copied
+# or pickled, and a copied model builds its own
+_PACKED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def packed_conv1d(owner: nn.Module, key, hidden_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  padding: int, stride: int = 1, dilation: int = 1, groups: int = 1) -> torch.Tensor:
+    """``F.conv1d`` with a large ``weight`` reordered once into oneDNN's blocked layout, cached on ``owner`` under
+    ``key`` (None: nothing to key it on, so no packing).
+
+    ``torch.mkldnn_convolution`` re-packs its weight at every call: 20-40 ms for the decoder's first layers on
+    2 cores, ten times the convolution of a short stream window. Packed outputs differ from it at rounding
+    level (1e-6 relative) and depend on the window width, so only the streaming decoder uses them (its budget
+    against the offline decode is 1e-5); offline calls, tiles, padded batches and the encoder keep
+    ``mkldnn_convolution``, whose bits do not depend on the window (identical codes rely on that).
+    """
+    if key is None or weight.numel() < _PACK_MIN_NUMEL or not _onednn_applies(hidden_state):
+        return _conv1d(hidden_state, weight, bias, padding, stride, dilation, groups)
+    key = (key, padding)
+    cached = _PACKED_WEIGHTS.get(owner)
+    if cached is None or cached[0] != key:
+        layout_hint = [1, hidden_state.shape[1], 1, 64]
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().unsqueeze(2).to_mkldnn(), [0, padding],
+                                                           [1, stride], [1, dilation], groups, layout_hint)
+        cached = (key, packed)
+        _PACKED_WEIGHTS[owner] = cached
+    return torch.ops.mkldnn._convolution_pointwise(hidden_state.contiguous().unsqueeze(2), cached[1], bias,
+                                                   [0, padding], [1, stride], [1, dilation], groups, "none", [],
+                                                   None).squeeze(2)
+
+
+def weight_key(conv: nn.Module):
+    """What identifies ``conv``'s parameters for a cache built from them; None where it cannot be tracked:
+    under torch.compile/export (the build joins the graph) and for inference tensors (their in-place updates
+    bump no version)."""
+    params = [t for t in (conv.weight, conv.bias) if t is not None]
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in params):
+        return None
+    return tuple((t._version, t.data_ptr()) for t in params) + (conv.weight.dtype, conv.weight.device)
 
 
 def conv_transpose_arithmetic(conv: nn.ConvTranspose1d, hidden_state: torch.Tensor) -> torch.Tensor:
@@ -244,27 +298,28 @@ class PaddedBatch:
         return hidden_state
 
 
-def conv_transpose_polyphase(conv: nn.ConvTranspose1d, hidden_state: torch.Tensor) -> torch.Tensor:
+def conv_transpose_polyphase(conv: nn.ConvTranspose1d, hidden_state: torch.Tensor, packed: bool = False) -> torch.Tensor:
     """``conv(hidden_state)`` for a transposed convolution with kernel 2s and stride s, computed as a regular
     2-tap convolution into s * C_out phase channels followed by one interleaving copy.
 
     torch's CPU ConvTranspose1d takes a slow im2col path plus copies; the regular convolution runs on
     oneDNN. Output phase r of input frame q is sample s*q + r - padding: y = sum_c W[c, :, r] x[c, q] +
-    W[c, :, s + r] x[c, q - 1]. The phase weights are built once per weight version. Weights made under
-    torch.inference_mode track no version (their in-place updates cannot be seen): theirs are rebuilt at every
-    call (dac_fast's loaders make ordinary tensors even there); under torch.compile/export the build joins the graph.
+    W[c, :, s + r] x[c, q - 1]. The phase weights are built once per weight version (``weight_key``; weights
+    made under torch.inference_mode are rebuilt at every call, dac_fast's loaders make ordinary tensors even
+    there). ``packed``: see ``packed_conv1d``.
     """
     s, p = conv.stride[0], conv.padding[0]
     c_in, c_out, k = conv.weight.shape
-    tracked = not (torch.compiler.is_compiling() or conv.weight.is_inference() or conv.bias.is_inference())
-    key = (conv.weight._version, conv.bias._version, conv.weight.data_ptr(), conv.bias.data_ptr(),
-           conv.weight.dtype, conv.weight.device) if tracked else None
+    key = weight_key(conv)
     cached = getattr(conv, "_polyphase", None)
     if key is None or cached is None or cached[0] != key:
         weight = conv.weight.detach().view(c_in, c_out, 2, s).flip(2).permute(3, 1, 0, 2)
         cached = (key, weight.reshape(s * c_out, c_in, 2).contiguous(), conv.bias.detach().repeat(s))
-        conv._polyphase = cached if tracked else None
-    phases = F.conv1d(hidden_state, cached[1], cached[2], padding=1)  # (B, s * C_out, L + 1)
+        conv._polyphase = cached if key is not None else None
+    if packed:  # (B, s * C_out, L + 1)
+        phases = packed_conv1d(conv, key, hidden_state, cached[1], cached[2], padding=1)
+    else:
+        phases = F.conv1d(hidden_state, cached[1], cached[2], padding=1)
     batch, _, frames = phases.shape
     length = (hidden_state.shape[-1] - 1) * s - 2 * p + k
     out = phases.view(batch, s, c_out, frames).permute(0, 2, 3, 1).reshape(batch, c_out, frames * s)
