@@ -16,7 +16,8 @@ streaming objects can drive one model at once. ``DacEncoder.inference`` / ``DacD
 as their ``flow`` (see ``modeling.conv_step``); offline they run with ``flow=None``.
 
 Exactness: the decoder's concatenated output equals ``model.decode(audio_codes=whole).audio_values`` to fp32
-rounding (max abs difference below 1e-5; equal where the arithmetic is the same); the encoder's codes are
+rounding (max abs difference below 1e-5: its large convolutions run on packed weights, see
+``modeling.packed_conv1d``, whose bits differ from the offline path's at rounding level); the encoder's codes are
 identical to ``model.encode(whole).audio_codes`` on CPU in fp32 (oneDNN convolutions give every element the
 same bits whatever window it is computed in; see ``modeling.conv_arithmetic``).
 """
@@ -58,6 +59,11 @@ class LayerStreams:
         self.to_crop: dict[str, int] = {}  # transposed convolutions: leading output samples still to drop
         self.starts: torch.Tensor | None = None
         self.final = False  # set for the flush step: every layer appends its right zero padding
+
+    def restart(self, mask: torch.Tensor, frame: int) -> None:
+        """The streams in ``mask`` (B,) begin a new request at latent frame ``frame``."""
+        starts = self.starts if self.starts is not None else torch.zeros(self.batch_size, dtype=torch.long)
+        self.starts = torch.where(mask, frame, starts)
 
     def _window(self, name: str, hidden_state: torch.Tensor, left: int, right: int) -> torch.Tensor:
         """[kept context | new input | right padding if final], zeroed before each stream's start."""
@@ -182,9 +188,7 @@ class StreamingDecoder:
             raise RuntimeError("the streams were flushed; reset() with no argument restarts them all")
         if self.frames == 0:
             return 0
-        layers = self._layers
-        starts = layers.starts if layers.starts is not None else torch.zeros(self.batch_size, dtype=torch.long)
-        layers.starts = torch.where(mask, self.frames, starts)
+        self._layers.restart(mask, self.frames)
         return self.frames * self.config.hop_length - self.released
 
     def _check_push(self, audio_codes) -> torch.Tensor:
@@ -247,11 +251,43 @@ class StreamingEncoder:
         self.lookahead_samples = encoder_reach(self.config)[1]
         self.reset()
 
-    def reset(self) -> None:
-        """Restart all streams (also after ``flush``)."""
-        self._layers = LayerStreams(self.model.encoder, self.batch_size, {})
-        self.samples = 0
-        self.finished = False
+    def _layer_rates(self) -> dict[str, int]:
+        """Input elements per latent frame of every convolution (hop_length at the input, 1 at the output)."""
+        encoder = self.model.encoder
+        names = {module: name for name, module in encoder.named_modules()}
+        rate = self.config.hop_length
+        rates = {names[encoder.conv1]: rate}
+        for block, s in zip(encoder.block, self.config.downsampling_ratios):
+            for unit in (block.res_unit1, block.res_unit2, block.res_unit3):
+                rates[names[unit.conv1]] = rates[names[unit.conv2]] = rate
+            rates[names[block.conv1]] = rate
+            rate //= s
+        rates[names[encoder.conv2]] = rate
+        return rates
+
+    def reset(self, streams=None) -> int:
+        """Restart streams. ``None``: all of them (the object is as new, also after ``flush``). Else a bool
+        mask (B,) or indices: those streams drop the audio in flight and start a new request with the next
+        push, while the others go on. The streams share one frame grid, so a chosen stream can restart only
+        on a frame boundary (samples pushed so far a multiple of ``hop_length``). Returns the number of
+        frames each restarted stream returns before its new request's codes: they hold -1 (drop them)."""
+        if streams is None:
+            self._layers = LayerStreams(self.model.encoder, self.batch_size, self._layer_rates())
+            self.samples = 0  # samples pushed
+            self.emitted = 0  # frames returned
+            self.finished = False
+            return 0
+        mask = _check_streams(streams, self.batch_size)
+        if self.finished:
+            raise RuntimeError("the streams were flushed; reset() with no argument restarts them all")
+        hop = self.config.hop_length
+        if self.samples % hop:
+            raise ValueError(f"reset(streams) restarts streams on a frame boundary: {self.samples} samples pushed is "
+                             f"not a multiple of hop_length {hop}; push {hop - self.samples % hop} more first")
+        if self.samples == 0:
+            return 0
+        self._layers.restart(mask, self.samples // hop)
+        return self.samples // hop - self.emitted
 
     def _check_push(self, audio) -> torch.Tensor:
         if self.finished:
@@ -291,4 +327,11 @@ class StreamingEncoder:
             latent = self.model.encoder.inference(audio, self._layers)
             if latent.shape[-1] == 0:
                 return torch.zeros(self.batch_size, self.n_quantizers, 0, dtype=torch.long, device=audio.device)
-            return self.model.quantizer.encode_frames(latent, self.n_quantizers)[0]
+            codes = self.model.quantizer.encode_frames(latent, self.n_quantizers)[0]
+        first, self.emitted = self.emitted, self.emitted + codes.shape[-1]
+        if self._layers.starts is None:
+            return codes
+        # restarted streams: their old request's frames still in flight are not codes of anything
+        frames = first + torch.arange(codes.shape[-1], device=codes.device)
+        stale = frames.view(1, 1, -1) < self._layers.starts.to(codes.device).view(-1, 1, 1)
+        return codes.masked_fill(stale, -1)

@@ -5,11 +5,15 @@ odd lengths), on every preset, and with transformers' DacModel; the codes must b
 fp32 rounding. Short inputs keep it fast (the presets are full size).
 """
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
 
 from dac_fast import DacConfig, DacFeatureExtractor, DacModel
+from dac_fast.modeling import _PACKED_WEIGHTS as packed_weights
 from dac_fast.modeling import decoded_length, decoder_reach, encoded_frames, encoder_reach
 from tests.reference import model_pair, synth_audio
 
@@ -130,6 +134,20 @@ def test_streaming_decoder_reset_one_stream_midway():
     assert (new - expected1).abs().max().item() <= ATOL
 
 
+def test_streaming_decoder_packed_weights_keep_model_copyable():
+    """The stream's packed oneDNN weights (large layers) live beside the model: after streaming the model still
+    deep-copies and pickles, and the copy streams the same audio."""
+    model = DacModel.from_preset("16khz", seed=11)
+    codes = random_codes(model, 1, 9, seed=12)
+    audio = stream_decode(model.streaming_decoder(), codes, [4, 5])
+    if model.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        assert any(owner in packed_weights for owner in model.decoder.modules())
+    clone = copy.deepcopy(model)
+    pickle.loads(pickle.dumps(model))
+    again = stream_decode(clone.streaming_decoder(), codes, [2, 7])
+    assert (again - audio).abs().max().item() <= ATOL
+
+
 def test_streaming_decoder_matches_transformers():
     hf, ours = model_pair("16khz", seed=7)
     codes = random_codes(ours, 2, 12, seed=4)
@@ -178,6 +196,36 @@ def test_streaming_encoder_matches_transformers_and_n_quantizers():
         expected = hf.encode(audio, n_quantizers=5).audio_codes
     codes = stream_encode(ours.streaming_encoder(batch_size=2, n_quantizers=5), audio, [hop + 1, 5, 4 * hop, 4 * hop + 71])
     assert codes.shape[1] == 5 and torch.equal(codes, expected)
+
+
+def test_streaming_encoder_reset_one_stream_midway():
+    """Slot 1 starts a new request on a frame boundary while slot 0 goes on; its codes equal the new request
+    encoded alone, the old request's frames still in flight come back as -1, as many as reset() said."""
+    model = model_for("16khz")
+    sr, hop = model.config.sampling_rate, model.config.hop_length
+    long = torch.from_numpy(synth_audio(14 * hop + 33, sr, seed=8))
+    old, new = torch.from_numpy(synth_audio(6 * hop, sr, seed=9)), torch.from_numpy(synth_audio(8 * hop + 33, sr, seed=10))
+    enc = model.streaming_encoder(batch_size=2)
+    audio = torch.stack([long, torch.cat([old, new])])[:, None]
+    outs = [enc.push(audio[..., : 2 * hop + 17]), enc.push(audio[..., 2 * hop + 17 : 6 * hop])]
+    before = sum(o.shape[-1] for o in outs)
+    off_grid = model.streaming_encoder(batch_size=2)
+    off_grid.push(audio[..., : hop + 3])
+    with pytest.raises(ValueError, match="frame boundary"):
+        off_grid.reset([1])
+    assert off_grid._layers.starts is None  # refused whole: nothing restarted
+    dropped = enc.reset(torch.tensor([False, True]))
+    assert dropped == 6 - before
+    outs += [enc.push(audio[..., 6 * hop : 9 * hop + 1]), enc.push(audio[..., 9 * hop + 1 :]), enc.flush()]
+    codes = torch.cat(outs, dim=-1)
+    with torch.inference_mode():
+        expected0 = model.encode(long[None, None]).audio_codes[0]
+        expected_old = model.encode(old[None, None]).audio_codes[0]
+        expected_new = model.encode(new[None, None]).audio_codes[0]
+    assert torch.equal(codes[0], expected0)
+    assert torch.equal(codes[1, :, :before], expected_old[:, :before])
+    assert torch.all(codes[1, :, before:6] == -1)
+    assert torch.equal(codes[1, :, 6:], expected_new)
 
 
 def test_streaming_bad_input_is_rejected_and_changes_nothing():
