@@ -17,7 +17,6 @@ transformers is installed, else dac_fast.ops' op-for-op references.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import datetime as _dt
 import json
@@ -27,13 +26,6 @@ import statistics
 import sys
 from pathlib import Path
 import time
-
-
-def _tune_allocator() -> str:
-    libc = ctypes.CDLL("libc.so.6")
-    ok1 = libc.mallopt(-4, 0)  # M_MMAP_MAX: never satisfy malloc with mmap
-    ok2 = libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the heap top back
-    return f"glibc tuned: mallopt(M_MMAP_MAX=0)={ok1}, mallopt(M_TRIM_THRESHOLD=2**31-1)={ok2}"
 
 
 def _parse():
@@ -54,11 +46,13 @@ def _parse():
 
 
 ARGS = _parse()
-ALLOCATOR = _tune_allocator() if ARGS.tuned_allocator else "glibc default malloc settings"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when not pip-installed
+from dac_fast.runtime import allocator_setting  # noqa: E402  (imports no torch)
+
+ALLOCATOR = allocator_setting("tuned" if ARGS.tuned_allocator else "default")
 
 import torch  # noqa: E402  (after the allocator tuning)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when not pip-installed
 from dac_fast import ops  # noqa: E402
 
 if ARGS.threads:

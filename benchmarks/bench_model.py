@@ -63,14 +63,9 @@ DTYPES = ("fp32", "bf16", "fp16")
 # ----------------------------------------------------------------------------- process setup (no torch here)
 def tune_allocator(kind: str) -> str:
     """Apply the allocator setting in this process; returns a description. Call before importing torch."""
-    if kind == "default":
-        return "glibc default malloc settings"
-    libc = ctypes.CDLL("libc.so.6")
-    ok1 = libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: no mmap per large allocation
-    ok2 = libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep freed heap memory
-    if ok1 != 1 or ok2 != 1:
-        raise RuntimeError(f"mallopt failed ({ok1}, {ok2})")
-    return "glibc tuned: mallopt(M_MMAP_MAX=0), mallopt(M_TRIM_THRESHOLD=2**31-1)"
+    from dac_fast.runtime import allocator_setting
+
+    return allocator_setting(kind)
 
 
 def _proc_status_kb(field: str) -> int | None:

@@ -29,3 +29,13 @@ def tune_allocator() -> bool:
         return bool(ok1 and ok2)
     except Exception:
         return False
+
+
+def allocator_setting(kind: str) -> str:
+    """Apply ``kind`` ("tuned": ``tune_allocator``; "default": nothing) and describe it, for benchmark reports.
+    Benchmarks call it before importing torch, and compare sides only under one setting."""
+    if kind == "default":
+        return "glibc default malloc settings"
+    if not tune_allocator():
+        raise RuntimeError("the tuned allocator needs glibc's mallopt, which is not available here")
+    return "glibc tuned: mallopt(M_MMAP_MAX=0), mallopt(M_TRIM_THRESHOLD=2**31-1)"
