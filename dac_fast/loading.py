@@ -3,6 +3,8 @@ in-memory transformers models; weight-norm folding; seeded random weights for te
 
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 import os
@@ -200,6 +202,8 @@ def resolve_dtype(dtype, torch_dtype=None, *, checkpoint_dtype=None):
     """The dtype to load in, from transformers' spellings: a torch.dtype, its name ("bfloat16"), or "auto" (the
     checkpoint's: ``dtype`` in config.json, else its first floating-point tensor's). None keeps float32.
     ``torch_dtype`` is transformers' older name for ``dtype``."""
+    if callable(checkpoint_dtype):  # read the checkpoint at most once, also when dtype and torch_dtype are both "auto"
+        checkpoint_dtype = functools.cache(checkpoint_dtype)
     if torch_dtype is not None:
         if dtype is not None and resolve_dtype(dtype, checkpoint_dtype=checkpoint_dtype) != resolve_dtype(
                 torch_dtype, checkpoint_dtype=checkpoint_dtype):
