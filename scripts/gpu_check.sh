@@ -16,7 +16,8 @@
 #   env             15   card, driver, torch, transformers, nvcc, compute-sanitizer, container runtime (gVisor?)
 #   build          130   dac_fast._C with CUDA kernels in place (DAC_FAST_BUILD=cuda, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16)
 #   op_tests        60   CUDA op tests: tests/test_ops_cuda.py (tests/test_ops.py on CUDA) + tests/test_op_devices.py
-#   model_parity    60   DacModel on the GPU vs transformers on the GPU, fp32, TF32 off: codes identical, decode close
+#   model_parity    60   DacModel on the GPU vs transformers on the GPU, fp32, TF32 off: codes identical, decode close;
+#                        streams vs offline and padded batches vs items alone on the GPU
 #   memcheck        60   compute-sanitizer memcheck over the kernel tests (--report-api-errors no)
 #   racecheck       35   compute-sanitizer racecheck over the kernel tests (--report-api-errors no)
 #   bench_kernels   35   benchmarks/bench_kernels.py on CUDA (no torch.compile column)
@@ -363,7 +364,8 @@ fi
 # -v: a step cut by its cap still shows which tests ran; -p no:cacheprovider: nothing written into the tree
 PYTEST=("$PY" -m pytest -v -rfEs -p no:cacheprovider)
 run_step op_tests "${PYTEST[@]}" --junitxml="$WORK/op_tests.xml" tests/test_ops_cuda.py tests/test_op_devices.py -k "not model_cuda"
-run_step model_parity "${PYTEST[@]}" --junitxml="$WORK/model_parity.xml" tests/test_ops_cuda.py -k model_cuda
+run_step model_parity "${PYTEST[@]}" --junitxml="$WORK/model_parity.xml" tests/test_ops_cuda.py \
+  tests/test_streaming.py -k model_cuda
 if [ $REHEARSE -eq 1 ]; then
   run_step cpu_tests "${PYTEST[@]}" --junitxml="$WORK/cpu_tests.xml" tests/test_imports.py tests/test_op_devices.py \
     "tests/test_model.py::test_encode_decode_forward_match_transformers[44khz]"
