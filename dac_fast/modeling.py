@@ -223,8 +223,10 @@ def packed_conv1d(owner: nn.Module, key, hidden_state: torch.Tensor, weight: tor
 
 def weight_key(conv: nn.Module):
     """What identifies ``conv``'s parameters for a cache built from them; None where it cannot be tracked:
-    under torch.compile/export (the build joins the graph) and for inference tensors (their in-place updates
-    bump no version)."""
+    under torch.compile/export (the build joins the graph), for inference tensors (their in-place updates
+    bump no version) and under weight norm (the weight is rebuilt from g and v at every call)."""
+    if hasattr(conv, "parametrizations") or hasattr(conv, "weight_g"):
+        return None
     params = [t for t in (conv.weight, conv.bias) if t is not None]
     if torch.compiler.is_compiling() or any(t.is_inference() for t in params):
         return None

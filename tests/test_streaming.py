@@ -148,6 +148,20 @@ def test_streaming_decoder_packed_weights_keep_model_copyable():
     assert (again - audio).abs().max().item() <= ATOL
 
 
+def test_streaming_decoder_under_weight_norm():
+    """A model with weight norm applied (as for training) streams too; its weights are rebuilt per call, so
+    nothing is packed or cached for them."""
+    model = DacModel.from_preset("16khz", seed=14)
+    model.apply_weight_norm()
+    model.eval()
+    codes = random_codes(model, 1, 13, seed=15)
+    with torch.inference_mode():
+        expected = model.decode(audio_codes=codes).audio_values
+    audio = stream_decode(model.streaming_decoder(), codes, [6, 1, 6])
+    assert (audio - expected).abs().max().item() <= ATOL
+    assert not any(owner in packed_weights for owner in model.decoder.modules())
+
+
 def test_streaming_decoder_matches_transformers():
     hf, ours = model_pair("16khz", seed=7)
     codes = random_codes(ours, 2, 12, seed=4)
