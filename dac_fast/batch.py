@@ -691,27 +691,18 @@ def decode_files(
         codes = f.codes.astype(np.int64)
         if nq is not None:
             codes = codes[:, :nq]
-        return _Item(i, src, out, rows=codes, frames=codes.shape[-1],
+        return _Item(i, src, out, rows=codes, frames=codes.shape[-1], shape_key=codes.shape[1],
                      meta=dict(f=f, duration=f.original_length / f.sample_rate))
 
     def model_fn(batch: list[_Item]):
-        # exact bucketing groups by frame count; also split by codebook count
-        groups: dict[int, list[_Item]] = {}
-        for it in batch:
-            groups.setdefault(it.rows.shape[1], []).append(it)
-        outs = {}
-        for _, items in groups.items():
-            codes = torch.from_numpy(np.concatenate([it.rows for it in items], 0))
-            with torch.inference_mode():
-                out = model.decode(audio_codes=_to_device(codes, dev), return_dict=True, **dec_kwargs)
-            audio = out.audio_values if hasattr(out, "audio_values") else out[0]
-            audio = _as_numpy(audio.reshape(audio.shape[0], -1))
-            r = 0
-            for it in items:
-                c = it.rows.shape[0]
-                outs[it.idx] = audio[r:r + c]
-                r += c
-        return [outs[it.idx] for it in batch]
+        # exact bucketing: every item of a batch has the same frame and codebook counts
+        codes = torch.from_numpy(np.concatenate([it.rows for it in batch], 0))
+        with torch.inference_mode():
+            out = model.decode(audio_codes=_to_device(codes, dev), return_dict=True, **dec_kwargs)
+        audio = out.audio_values if hasattr(out, "audio_values") else out[0]
+        audio = _as_numpy(audio.reshape(audio.shape[0], -1))
+        bounds = np.cumsum([0] + [it.rows.shape[0] for it in batch])
+        return [audio[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
 
     def write_fn(it: _Item, audio):
         f: DacFile = it.meta["f"]

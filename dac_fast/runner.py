@@ -134,13 +134,14 @@ class _Item:
     out: Any  # Path
     rows: Any = None  # np (rows, samples) for encode / codes (rows, n, frames) for decode
     frames: int = 0
+    shape_key: Any = None  # exact bucketing also keeps items apart whose rows differ in this (decode: codebooks)
     meta: dict = field(default_factory=dict)
 
 
 class _Bucketer:
     """Groups loaded items into batches of about ``batch_size`` rows.
 
-    exact: one group per key (frame count); pad: a single group in arrival order (inputs are
+    exact: one group per frame count (and ``shape_key``); pad: a single group in arrival order (inputs are
     sorted by length, so neighbours are similar). A group is emitted when it reaches
     ``batch_size`` rows; when more than ``max_pending`` rows wait, the largest group is emitted.
     """
@@ -150,30 +151,30 @@ class _Bucketer:
         self.exact = exact
         self.max_pending = max(self.batch_size, max_pending)
         self.groups: "OrderedDict[Any, list[_Item]]" = OrderedDict()
+        self.group_rows: dict[Any, int] = {}
         self.pending = 0
 
     def add(self, item: _Item) -> list[list[_Item]]:
-        key = item.frames if self.exact else 0
+        key = (item.frames, item.shape_key) if self.exact else 0
+        rows = item.rows.shape[0]
         self.groups.setdefault(key, []).append(item)
-        self.pending += item.rows.shape[0]
+        self.group_rows[key] = self.group_rows.get(key, 0) + rows
+        self.pending += rows
         ready = []
-        g = self.groups[key]
-        if sum(i.rows.shape[0] for i in g) >= self.batch_size:
+        if self.group_rows[key] >= self.batch_size:
             ready.append(self._pop(key))
         while self.pending > self.max_pending and self.groups:
             ready.append(self.pop_largest())
         return ready
 
     def _pop(self, key) -> list[_Item]:
-        g = self.groups.pop(key)
-        self.pending -= sum(i.rows.shape[0] for i in g)
-        return g
+        self.pending -= self.group_rows.pop(key)
+        return self.groups.pop(key)
 
     def pop_largest(self) -> list[_Item]:
         if not self.groups:
             return []
-        big = max(self.groups, key=lambda k: sum(i.rows.shape[0] for i in self.groups[k]))
-        return self._pop(big)
+        return self._pop(max(self.groups, key=self.group_rows.__getitem__))
 
     def flush(self) -> list[list[_Item]]:
         return [self._pop(k) for k in list(self.groups)]
@@ -204,22 +205,22 @@ class _Prefetcher:
         self.window, self.memory_budget = window, memory_budget
         self.pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dacfast-read")
         self.inflight: "OrderedDict[int, tuple[Any, cf.Future]]" = OrderedDict()
-        self.peeked: list = []
+        self.peeked = None  # the next (index, job), read from ``jobs`` but not yet let in
         self.held = 0
         self.cost: dict[int, int] = {}
 
     def _top_up(self):
         while len(self.inflight) < self.window:
-            if not self.peeked:
+            if self.peeked is None:
                 try:
-                    self.peeked.append(next(self.jobs))
+                    self.peeked = next(self.jobs)
                 except StopIteration:
                     return
-            i, job = self.peeked[0]
+            i, job = self.peeked
             need = int(self.size_fn(job)) if self.size_fn else 0
             if self.held and self.held + need > self.memory_budget:
                 return
-            self.peeked.pop()
+            self.peeked = None
             self.cost[i] = need
             self.held += need
             self.inflight[i] = (job, self.pool.submit(self.load_fn, i, job))
@@ -229,7 +230,7 @@ class _Prefetcher:
         items not yet released (run some, or ``unblock``); None when every job was handed out."""
         self._top_up()
         if not self.inflight:
-            return _STALLED if self.peeked else None
+            return _STALLED if self.peeked is not None else None
         i, (job, fut) = self.inflight.popitem(last=False)
         try:
             return job, fut.result(), None

@@ -254,6 +254,24 @@ def test_npy_format_encode_and_decode(tmp_path, model):
     assert (info.samplerate, info.channels, info.frames) == (22050, 2, int(0.3 * 22050))
 
 
+def test_decode_batches_keep_codebook_counts_apart(tmp_path, model):
+    """Files of one length but different codebook counts never share a decode batch; each decodes as alone."""
+    for name, nq in (("a", 4), ("b", 12), ("c", 4), ("d", 7)):
+        _clip(tmp_path / "in" / name / f"{name}.wav", 16000, 0.5, seed=len(name) + nq)
+        encode_files([tmp_path / "in" / name], tmp_path / "codes", model, format="npy", n_quantizers=nq,
+                     progress=False)
+    counting = CountingModel(model)
+    rep = decode_files([tmp_path / "codes"], tmp_path / "together", counting, subtype="float", batch_size=8,
+                       progress=False)
+    assert rep.ok and counting.decode_calls == 3  # a+c together, b alone, d alone
+    for name in "abcd":
+        decode_files([tmp_path / "codes" / f"{name}.json"], tmp_path / "alone", model, subtype="float",
+                     progress=False)
+        together, _ = sf.read(tmp_path / "together" / f"{name}.wav", dtype="float32")
+        alone, _ = sf.read(tmp_path / "alone" / f"{name}.wav", dtype="float32")
+        assert together.shape == alone.shape and np.abs(together - alone).max() <= 1e-5
+
+
 def test_decode_restores_loudness(tmp_path, model):
     _clip(tmp_path / "in" / "q.wav", 16000, 1.0, 1)
     encode_files([tmp_path / "in"], tmp_path / "o", model, progress=False)
