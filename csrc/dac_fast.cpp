@@ -342,7 +342,9 @@ Tensor rvq_decode(const Tensor& codes_, const Tensor& codebook, const Tensor& ou
   TORCH_CHECK(n >= 1 && n <= N, "dac_fast::rvq_decode: codes has ", n, " codebooks but the quantizer has ", N);
   auto codes = codes_.to(at::kLong).contiguous();
   if (codes.numel() > 0) {
-    auto mn = codes.min().item<int64_t>(), mx = codes.max().item<int64_t>();
+    // one host synchronisation for both bounds (DacModel checks them before it calls here, with its own single read)
+    auto bounds = at::stack({codes.min(), codes.max()}).cpu();
+    auto mn = bounds[0].item<int64_t>(), mx = bounds[1].item<int64_t>();
     TORCH_CHECK(mn >= 0 && mx < kCodebookSize, "dac_fast::rvq_decode: codes must be in [0, ", kCodebookSize, "), got values in [",
                 mn, ", ", mx, "]");
   }

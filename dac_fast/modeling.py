@@ -10,6 +10,7 @@ d codebook dimension.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import weakref
@@ -34,6 +35,35 @@ class Snake1d(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, C, T) -> (B, C, T)."""
         return ops.snake(hidden_states, self.alpha)
+
+
+def tensors_key(tensors):
+    """``weight_key`` for any list of tensors: versions, storage addresses, dtype and device; None where the
+    tensors cannot be tracked (under torch.compile/export; inference tensors) or an autograd graph needs them."""
+    if torch.compiler.is_compiling() or ops.needs_grad(*tensors) or any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t._version, t.data_ptr()) for t in tensors) + (tensors[0].dtype, tensors[0].device)
+
+
+def derived_from(owner: nn.Module, name: str, tensors, build):
+    """``build()``, a value computed from ``tensors`` (e.g. stacked or normalized weights), cached as attribute
+    ``name`` of ``owner`` until one of them changes: an in-place update (load_state_dict, ``w.mul_()`` under
+    no_grad) bumps its version, ``.to()``/``.half()`` give it new storage. The entry keeps the tensors it was
+    built from alive, so their addresses cannot be reused by other weights while it exists (a model copied or
+    unpickled carries entries naming storages that are not its own: they never match). Entries hold ordinary
+    tensors only (built outside inference mode, without autograd), so the model still deep-copies and pickles.
+    Not cached (built at every call) where ``tensors_key`` is None."""
+    key = tensors_key(tensors)
+    if key is None:
+        return build()
+    entry = owner.__dict__.get(name)
+    if entry is not None and entry[0] == key and all(a.data_ptr() == b.data_ptr() for a, b in zip(entry[1], tensors)):
+        return entry[2]
+    with torch.inference_mode(False), torch.no_grad():
+        value = build()
+        sources = [t.detach() for t in tensors]
+    owner.__dict__[name] = (key, sources, value)
+    return value
 
 
 class DacVectorQuantize(nn.Module):
@@ -62,7 +92,8 @@ class DacVectorQuantize(nn.Module):
         batch_size, hidden_dim, sequence_length = hidden_states.shape
         encodings = hidden_states.permute(0, 2, 1).reshape(batch_size * sequence_length, hidden_dim)
         encodings = F.normalize(encodings)
-        codebook = F.normalize(self.codebook.weight)
+        weight = self.codebook.weight
+        codebook = derived_from(self, "_normalized_codebook", [weight], lambda: F.normalize(weight))
         l2_norm = encodings.pow(2).sum(1, keepdim=True)
         dist = -(l2_norm - 2 * encodings @ codebook.t()) + codebook.pow(2).sum(1, keepdim=True).t()
         indices = dist.max(1)[1].reshape(batch_size, -1)
@@ -391,7 +422,11 @@ class DacResidualVectorQuantizer(nn.Module):
 
     def stacked_parameters(self):
         """Codebook parameters stacked for the fused ops: in_proj (N, d, D), (N, d); codebook (N, K, d);
-        out_proj (N, D, d), (N, D)."""
+        out_proj (N, D, d), (N, D). Stacked once per weight version (``derived_from``) when no autograd
+        graph needs them."""
+        return derived_from(self, "_stacked", list(self.parameters()), self._stack_parameters)
+
+    def _stack_parameters(self):
         qs = self.quantizers
         return (
             torch.stack([q.in_proj.weight[..., 0] for q in qs]),
@@ -678,8 +713,54 @@ def run_tiled(fn, inputs: torch.Tensor, n_frames: int, in_per_frame: int, out_pe
 
 
 # ----------------------------------------------------------------------------- input checks
-def _check_audio(input_values: torch.Tensor) -> torch.Tensor:
-    """The audio, checked; integer PCM scaled to [-1, 1) as the feature extractor does."""
+class DeviceChecks:
+    """The data-dependent input checks of one encode/decode call, read back from the device together.
+
+    Each check is a 0-d tensor computed where the input lives and a function of its Python value (that raises
+    on bad input, or returns the value the caller needs). On CPU it runs at once (no device to wait for); on
+    an accelerator ``run()`` brings all the queued values to the host in ONE transfer: that is the one host
+    synchronisation encode/decode make for their input checks on CUDA (a separate ``.item()``, ``bool()`` or
+    ``.tolist()`` per check would wait for the GPU each time). Error messages that quote values read them on
+    the error path only. Under torch.compile/export ``require`` checks nothing (data-dependent: eager calls only)."""
+
+    def __init__(self):
+        self._pending = []
+
+    def value(self, tensor: torch.Tensor, check=lambda v: v) -> list:
+        """Queue ``check(tensor's value)``; the returned list holds its result once it has run."""
+        result = []
+        tensor = tensor.reshape(())
+        if tensor.device.type == "cpu" or torch.compiler.is_compiling():
+            result.append(check(tensor.item()))
+        else:
+            self._pending.append((tensor, check, result))
+        return result
+
+    def require(self, ok: torch.Tensor, message, error=ValueError) -> None:
+        """Queue: raise ``error(message)`` unless ``ok`` (a 0-d bool tensor); ``message`` a string or a function
+        returning one (called only to raise)."""
+        if torch.compiler.is_compiling():
+            return
+
+        def check(value):
+            if not value:
+                raise error(message if isinstance(message, str) else message())
+
+        self.value(ok, check)
+
+    def run(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        device = pending[0][0].device
+        values = torch.stack([t.to(device, torch.float64) for t, _, _ in pending]).tolist()  # the one sync
+        for value, (_, check, result) in zip(values, pending):
+            result.append(check(value))
+
+
+def _check_audio(input_values: torch.Tensor, checks: DeviceChecks) -> torch.Tensor:
+    """The audio, checked (its values by ``checks``); integer PCM scaled to [-1, 1) as the feature extractor
+    does."""
     if not isinstance(input_values, torch.Tensor):
         raise TypeError(f"input_values must be a torch.Tensor of shape (batch, 1, samples), got {type(input_values).__name__}")
     if input_values.dim() != 3 or input_values.shape[1] != 1:
@@ -689,9 +770,62 @@ def _check_audio(input_values: torch.Tensor) -> torch.Tensor:
     input_values = pcm_to_float(input_values, "input_values")
     if input_values.shape[0] == 0 or input_values.shape[-1] == 0:
         raise ValueError(f"input_values is empty: shape {tuple(input_values.shape)}")
-    if not torch.compiler.is_compiling() and not torch.isfinite(input_values).all():  # data-dependent: eager only
-        raise ValueError("input_values contains NaN or Inf samples")
+    checks.require(torch.isfinite(input_values).all(), "input_values contains NaN or Inf samples")
     return input_values
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+# The most graphs kept per model. Each graph holds a private memory pool of about one tile's activations
+# (a few GB for the 44khz decoder at its default CUDA tile), so only the most recently used few are kept.
+CUDA_GRAPH_CACHE_SIZE = 4
+# model -> _GraphCache; beside the model, not on it: CUDA graphs cannot be deep-copied or pickled
+_CUDA_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _CapturedCall:
+    """One call of ``fn`` captured in a CUDA graph: static inputs, the graph, its static output."""
+
+    def __init__(self, fn, args):
+        # ordinary tensors, so later calls may copy into them in or out of inference mode
+        with torch.inference_mode(False), torch.no_grad():
+            self.inputs = [torch.empty_like(a).copy_(a) for a in args]
+        # warm-up on a side stream, as torch.cuda.graphs' documentation requires: cuDNN/cuBLAS handles and
+        # workspaces, lazy initialisations and the caches derived from weights are made outside the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn(*self.inputs)
+
+    def __call__(self, *args) -> torch.Tensor:
+        """The output for ``args`` (same shapes as captured); it is overwritten by the next replay."""
+        for static, arg in zip(self.inputs, args):
+            static.copy_(arg)
+        self.graph.replay()
+        return self.output
+
+
+class _GraphCache:
+    """A model's captured calls, least recently used first, for one version of its weights. The weights they
+    were captured with are kept alive (``sources``) so no other weights can take their addresses."""
+
+    def __init__(self, weights_key, sources):
+        self.weights_key = weights_key
+        self.sources = sources
+        self.calls: collections.OrderedDict = collections.OrderedDict()
+
+    def call(self, key, fn, args) -> torch.Tensor:
+        captured = self.calls.get(key)
+        if captured is None:
+            captured = self.calls[key] = _CapturedCall(fn, args)
+            while len(self.calls) > CUDA_GRAPH_CACHE_SIZE:
+                self.calls.popitem(last=False)
+        self.calls.move_to_end(key)
+        return captured(*args)
 
 
 class DacModel(nn.Module):
@@ -756,7 +890,8 @@ class DacModel(nn.Module):
             raise ValueError(f"n_quantizers {problem}")
         return n_quantizers
 
-    def _check_codes(self, audio_codes: torch.Tensor) -> None:
+    def _check_codes(self, audio_codes: torch.Tensor, checks: DeviceChecks | None = None) -> None:
+        """Shape and dtype at once; the value range by ``checks`` (None: read now)."""
         if not isinstance(audio_codes, torch.Tensor) or audio_codes.dim() != 3:
             shape = tuple(audio_codes.shape) if isinstance(audio_codes, torch.Tensor) else type(audio_codes).__name__
             raise ValueError(f"audio_codes must be a tensor of shape (batch, n_codebooks, frames), got {shape}")
@@ -767,13 +902,16 @@ class DacModel(nn.Module):
             raise ValueError(f"audio_codes has {n} codebooks; this model has {self.config.n_codebooks}")
         if audio_codes.numel() == 0:
             raise ValueError(f"audio_codes is empty: shape {tuple(audio_codes.shape)}")
+        size = self.config.codebook_size
+        now = checks is None
+        checks = DeviceChecks() if now else checks
         if torch.compiler.is_compiling():  # the value range is data-dependent: checked in eager calls only
             return
-        lo, hi = torch.stack(torch.aminmax(audio_codes)).tolist()  # one device sync for both bounds
-        if lo < 0 or hi >= self.config.codebook_size:
-            raise ValueError(
-                f"audio_codes must lie in [0, {self.config.codebook_size}), got values in [{lo}, {hi}]"
-            )
+        lo, hi = torch.aminmax(audio_codes)
+        checks.require((lo >= 0) & (hi < size),
+                       lambda: f"audio_codes must lie in [0, {size}), got values in [{lo.item()}, {hi.item()}]")
+        if now:
+            checks.run()
 
     def _tile_frames(self, requested: int | None, default: int | None, inputs: torch.Tensor, net: nn.Module):
         """Item-frames per tile, or None to run untiled (autograd needs the whole graph)."""
@@ -786,6 +924,44 @@ class DacModel(nn.Module):
             raise ValueError(f"tile_frames must be a positive number of frames, got {tile!r}")
         return None if _needs_graph(net, inputs) else tile
 
+    def _graphed(self, name: str, net: nn.Module, inputs: torch.Tensor, cuda_graphs):
+        """For ``cuda_graphs=True``: a wrapper that makes a tile function of ``net`` replay CUDA graphs, one per
+        (network, input shapes, dtype, device, ops backend, TF32 settings) and weight version, captured on
+        first use (a few eager runs of the tile plus the capture: the first call of each shape is slower) and
+        kept in a per-model LRU of ``CUDA_GRAPH_CACHE_SIZE``. Any change of the weights (in-place update,
+        load_state_dict, ``.to()``) drops every graph. Results equal the eager tiles': the graph replays the
+        same kernels on the same shapes. None for ``cuda_graphs=False``. Raises a ValueError where graphs
+        cannot run: not CUDA, autograd or training mode, torch.compile."""
+        if cuda_graphs is False:
+            return None
+        if cuda_graphs is not True:
+            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        if inputs.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the model and its inputs on a CUDA device, got {inputs.device}; "
+                             "use cuda_graphs=False here")
+        if self.training or _needs_graph(net, inputs):
+            raise ValueError("cuda_graphs=True runs inference only: call model.eval() and encode/decode under "
+                             "torch.inference_mode() or torch.no_grad()")
+        if torch.compiler.is_compiling():
+            raise ValueError("cuda_graphs=True cannot run under torch.compile (its mode='reduce-overhead' "
+                             "captures CUDA graphs itself)")
+        params = list(self.parameters())
+        weights_key = tensors_key(params)
+        if weights_key is None:  # inference-tensor weights: versions not tracked, nothing can be kept
+            return lambda fn: fn
+        cache = _CUDA_GRAPHS.get(self)
+        if cache is None or cache.weights_key != weights_key:
+            cache = _CUDA_GRAPHS[self] = _GraphCache(weights_key, [p.detach() for p in params])
+        settings = (ops.current_backend(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+        def wrap(fn):
+            def run(*args):
+                key = (name, *((tuple(a.shape), a.dtype, a.device) for a in args), settings)
+                return cache.call(key, fn, args)
+            return run
+
+        return wrap
+
     # ------------------------------------------------------------------ encode
     def encode(
         self,
@@ -794,6 +970,7 @@ class DacModel(nn.Module):
         return_dict: bool | None = None,
         tile_frames: int | None = None,
         padding_mask: torch.Tensor | None = None,
+        cuda_graphs: bool = False,
     ):
         """Encode audio (B, 1, T) into codes.
 
@@ -808,13 +985,22 @@ class DacModel(nn.Module):
         padding=True)`` returns it; inference only): each item is encoded as if alone and unpadded. Its codes
         over its own frames equal encoding it alone, and the output gains ``audio_frames`` (B,), the number of
         frames of each item (the frames after those are padding); pass it to ``decode(..., audio_frames=)``.
+
+        ``cuda_graphs=True`` (CUDA, inference only): the encoder's tiles replay CUDA graphs captured on first
+        use (see ``_graphed``); the codes are identical to ``cuda_graphs=False``.
         """
-        input_values = _check_audio(input_values).to(self.dtype)  # float64 numpy audio, or fp32 audio into a bf16 model
-        n_quantizers = self._check_n_quantizers(n_quantizers)
+        checks = DeviceChecks()
+        input_values = _check_audio(input_values, checks).to(self.dtype)  # float64 numpy audio, or fp32 audio into a bf16 model
+        if isinstance(n_quantizers, torch.Tensor) and n_quantizers.numel() == 1:
+            n_quantizers = checks.value(n_quantizers, int)  # its value is read with the other checks
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        graphs = self._graphed("encoder", self.encoder, input_values, cuda_graphs)
         lengths = audio_frames = None
         if padding_mask is not None:
-            lengths = self._check_padding_mask(padding_mask, input_values)
+            lengths = self._check_padding_mask(padding_mask, input_values, checks)
+        checks.run()
+        n_quantizers = self._check_n_quantizers(n_quantizers[0] if isinstance(n_quantizers, list) else n_quantizers)
+        if padding_mask is not None:
             # padding is zero whatever the caller put there; an item too short for the encoder is zero-padded
             # to one hop, as it is when encoded alone
             input_values = zero_outside(input_values, 0, stop=lengths)
@@ -822,7 +1008,7 @@ class DacModel(nn.Module):
             lengths = torch.where(encoded_frames(self.config, lengths) < 1, torch.full_like(lengths, hop), lengths)
             audio_frames = encoded_frames(self.config, lengths)
         with self._backend_scope():
-            latent = self._encode_latent(input_values, tile_frames, lengths)
+            latent = self._encode_latent(input_values, tile_frames, lengths, graphs)
             quantized, codes, latents, commitment_loss, codebook_loss = self.quantizer(latent, n_quantizers)
         loss = self.config.commitment_loss_weight * commitment_loss + self.config.codebook_loss_weight * codebook_loss
         if not return_dict:
@@ -830,7 +1016,8 @@ class DacModel(nn.Module):
         return DacEncoderOutput(loss, quantized, codes, latents, audio_frames)
 
     def _encode_latent(self, input_values: torch.Tensor, tile_frames: int | None,
-                       lengths: torch.Tensor | None = None) -> torch.Tensor:
+                       lengths: torch.Tensor | None = None, graphs=None) -> torch.Tensor:
+        """``graphs``: ``_graphed``'s wrapper, or None (eager)."""
         hop = self.config.hop_length
         length = input_values.shape[-1]
         tile = self._tile_frames(tile_frames, self.encode_tile_frames, input_values, self.encoder)
@@ -842,12 +1029,15 @@ class DacModel(nn.Module):
         encoder = self.encoder if lengths is None else lambda x, valid: self.encoder.inference(x, PaddedBatch(valid))
         if tile is None:
             return encoder(input_values) if lengths is None else encoder(input_values, lengths)
+        if graphs is not None:
+            encoder = graphs(encoder)
         with ops.cpu_buffer_cache(input_values):
             return run_tiled(encoder, input_values, n_frames, hop, 1, n_frames, tile,
                              encoder_halo_frames(self.config), lengths)
 
-    def _check_padding_mask(self, padding_mask, input_values: torch.Tensor) -> torch.Tensor:
-        """Valid lengths (B,) of a right-padding mask (B, T) for ``input_values`` (B, 1, T)."""
+    def _check_padding_mask(self, padding_mask, input_values: torch.Tensor, checks: DeviceChecks) -> torch.Tensor:
+        """Valid lengths (B,) of a right-padding mask (B, T) for ``input_values`` (B, 1, T); its values are checked
+        by ``checks``."""
         shape = (input_values.shape[0], input_values.shape[-1])
         if not isinstance(padding_mask, torch.Tensor) or tuple(padding_mask.shape) != shape:
             got = tuple(padding_mask.shape) if isinstance(padding_mask, torch.Tensor) else type(padding_mask).__name__
@@ -855,14 +1045,13 @@ class DacModel(nn.Module):
         if _needs_graph(self.encoder, input_values) or self.training:
             raise ValueError("padding_mask is supported in inference only (eval mode, no autograd)")
         mask = padding_mask.to(input_values.device)
-        if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("padding_mask must hold only 0 (padding) and 1 (real samples)")
+        checks.require(((mask == 0) | (mask == 1)).all(), "padding_mask must hold only 0 (padding) and 1 (real samples)")
         mask = mask.bool()
         lengths = mask.sum(-1)
-        if not torch.equal(mask, torch.arange(shape[1], device=mask.device) < lengths.unsqueeze(1)):
-            raise ValueError("padding_mask must mark right padding: ones for each item's samples, then zeros")
-        if (lengths == 0).any():
-            raise ValueError(f"padding_mask gives an item no samples (items {lengths.eq(0).nonzero().flatten().tolist()})")
+        checks.require((mask == (torch.arange(shape[1], device=mask.device) < lengths.unsqueeze(1))).all(),
+                       "padding_mask must mark right padding: ones for each item's samples, then zeros")
+        checks.require((lengths > 0).all(), lambda: "padding_mask gives an item no samples "
+                       f"(items {lengths.eq(0).nonzero().flatten().tolist()})")
         return lengths
 
     # ------------------------------------------------------------------ decode
@@ -873,26 +1062,37 @@ class DacModel(nn.Module):
         return_dict: bool | None = None,
         tile_frames: int | None = None,
         audio_frames: torch.Tensor | None = None,
+        cuda_graphs: bool = False,
     ):
         """Decode a quantized representation (B, D, F), or codes (B, n, F) which take precedence, into
         ``DacDecoderOutput(audio_values (B, F * hop_length))``. Tiled in inference like ``encode``.
 
         ``audio_frames`` (B,), frames of each item (``encode(..., padding_mask=)`` returns them; inference
         only): each item is decoded as if alone with its own frames; its samples after
-        ``decoded_length(config, audio_frames[b])`` are zero."""
+        ``decoded_length(config, audio_frames[b])`` are zero.
+
+        ``cuda_graphs=True`` (CUDA, inference only): the decoder's tiles replay CUDA graphs captured on first
+        use (see ``_graphed``); the audio equals ``cuda_graphs=False``'s."""
         if quantized_representation is None and audio_codes is None:
             raise ValueError("Either `quantized_representation` or `audio_codes` must be provided.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        checks = DeviceChecks()
         with self._backend_scope():
             if audio_codes is not None:
-                self._check_codes(audio_codes)
-                quantized_representation = self.quantizer.from_codes(audio_codes)[0]
+                self._check_codes(audio_codes, checks)
+                source = audio_codes
             else:
                 self._check_latent(quantized_representation)
+                source = quantized_representation
+            graphs = self._graphed("decoder", self.decoder, source, cuda_graphs)
             lengths = None
             if audio_frames is not None:
-                lengths = self._check_audio_frames(audio_frames, quantized_representation)
-            audio_values = self._decode_latent(quantized_representation, tile_frames, lengths).squeeze(1)
+                lengths = self._check_audio_frames(audio_frames, source, checks)
+            checks.run()
+            if audio_codes is not None:
+                # on CUDA the rvq_decode op reads the code range once more (it guards its own gather)
+                quantized_representation = self.quantizer.from_codes(audio_codes)[0]
+            audio_values = self._decode_latent(quantized_representation, tile_frames, lengths, graphs).squeeze(1)
             if lengths is not None:
                 audio_values = zero_outside(audio_values.unsqueeze(1), 0, stop=decoded_length(self.config, lengths))
                 audio_values = audio_values.squeeze(1)
@@ -908,7 +1108,8 @@ class DacModel(nn.Module):
         if not z.is_floating_point():
             raise TypeError(f"quantized_representation must be floating point, got dtype {z.dtype}")
 
-    def _check_audio_frames(self, audio_frames, z: torch.Tensor) -> torch.Tensor:
+    def _check_audio_frames(self, audio_frames, z: torch.Tensor, checks: DeviceChecks) -> torch.Tensor:
+        """Frame counts (B,) for the latent or codes ``z`` (B, ., F); their values are checked by ``checks``."""
         batch, frames = z.shape[0], z.shape[-1]
         if not isinstance(audio_frames, torch.Tensor) or tuple(audio_frames.shape) != (batch,) \
                 or audio_frames.is_floating_point() or audio_frames.dtype == torch.bool:
@@ -918,15 +1119,19 @@ class DacModel(nn.Module):
         if _needs_graph(self.decoder, z) or self.training:
             raise ValueError("audio_frames is supported in inference only (eval mode, no autograd)")
         lengths = audio_frames.to(z.device)
-        if (lengths < 1).any() or (lengths > frames).any():
-            raise ValueError(f"audio_frames must lie in [1, {frames}], got {audio_frames.tolist()}")
+        checks.require(((lengths >= 1) & (lengths <= frames)).all(),
+                       lambda: f"audio_frames must lie in [1, {frames}], got {audio_frames.tolist()}")
         return lengths
 
-    def _decode_latent(self, z: torch.Tensor, tile_frames: int | None, lengths: torch.Tensor | None = None):
+    def _decode_latent(self, z: torch.Tensor, tile_frames: int | None, lengths: torch.Tensor | None = None,
+                       graphs=None):
+        """``graphs``: ``_graphed``'s wrapper, or None (eager)."""
         tile = self._tile_frames(tile_frames, self.decode_tile_frames, z, self.decoder)
         decoder = self.decoder if lengths is None else lambda x, valid: self.decoder.inference(x, PaddedBatch(valid))
         if tile is None:
             return decoder(z) if lengths is None else decoder(z, lengths)
+        if graphs is not None:
+            decoder = graphs(decoder)
         n_frames = z.shape[-1]
         with ops.cpu_buffer_cache(z):
             return run_tiled(decoder, z, n_frames, 1, self.config.hop_length,
