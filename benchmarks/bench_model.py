@@ -28,6 +28,8 @@ What is measured, per case (preset x op x batch x seconds) and side:
     at the start of every measuring process, before torch is imported; ``default`` leaves glibc alone. All sides
     of one run use the same setting, which is stated in every output.
   * CUDA: fp32 with TF32 off unless --tf32; --dtypes bf16/fp16 apply to ours only (transformers stays fp32).
+    --cuda-graphs-batches B...: cases of those batch sizes also get the side ``ours-fp32-graphs`` (ours in
+    fp32 with ``cuda_graphs=True`` in encode and decode; its graphs are captured in the warm-up calls).
 
 Output (under --out, file names tagged with device and allocator unless --tag): a markdown table (also
 printed), a JSON file with all numbers, machine info and the command line, and a PNG chart (matplotlib; the
@@ -253,7 +255,9 @@ def run_side(job: dict) -> dict:
     name = "latent.npy" if op == "decode" else "audio.npy"
     arg = torch.from_numpy(np.load(os.path.join(job["dir"], name))).to(device, dtype)
 
-    if op == "encode":
+    if side.endswith("-graphs"):
+        fn = _graphed_call(model, op)
+    elif op == "encode":
         fn = model.encode
     elif op == "decode":
         fn = model.decode
@@ -297,6 +301,23 @@ def run_side(job: dict) -> dict:
     if op in ("decode", "forward"):
         np.save(os.path.join(job["dir"], f"audio_{side}.npy"), out.audio_values.float().cpu().numpy())
     return res
+
+
+def _graphed_call(model, op: str):
+    """ours' encode, decode or forward (encode then decode) with cuda_graphs=True."""
+    from dac_fast.outputs import DacOutput
+
+    if op == "encode":
+        return lambda x: model.encode(x, cuda_graphs=True)
+    if op == "decode":
+        return lambda z: model.decode(z, cuda_graphs=True)
+
+    def forward(x):
+        enc = model.encode(x, cuda_graphs=True)
+        audio = model.decode(enc.quantized_representation, cuda_graphs=True).audio_values[..., : x.shape[-1]]
+        return DacOutput(enc.loss, audio, enc.quantized_representation, enc.audio_codes, enc.projected_latents)
+
+    return forward
 
 
 def run_sides_together(jobs: list[dict]) -> list:
@@ -529,6 +550,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPES, default=None, help="shorthand: add this dtype to --dtypes")
     p.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (off by default)")
     p.add_argument("--compile", action="store_true", help="also time transformers under torch.compile")
+    p.add_argument("--cuda-graphs-batches", nargs="*", type=int, default=[],
+                   help="batch sizes whose cases also time ours fp32 with cuda_graphs=True (CUDA only)")
     p.add_argument("--no-reference", action="store_true", help="skip transformers (ours only; no agreement)")
     p.add_argument("--isolation", choices=["side", "case"], default="side",
                    help="side: each side of each case in its own fresh process (default; no allocator state "
@@ -582,6 +605,9 @@ def main(argv=None) -> int:
     # transformers eager first (the reference of every comparison), torch.compile last (the slowest to set up:
     # a run cut short loses the least)
     compile_sides = ["hf-compile"] if args.compile and not args.no_reference else []
+    if args.cuda_graphs_batches and device != "cuda":
+        print("--cuda-graphs-batches needs --device cuda", file=sys.stderr)
+        return 2
     info = machine_info(device, threads)
     info.update(allocator=allocator, allocator_setting=args.allocator, seed=args.seed, warmup=args.warmup,
                 repeats=args.repeats, tf32=args.tf32 if device == "cuda" else None, dtypes=args.dtypes,
@@ -608,8 +634,9 @@ def main(argv=None) -> int:
                 continue
             audio_s = prep["samples"] / _sampling_rate(preset)
             case_recs, jobs = {}, []
-            for side in ref_sides + sides + compile_sides:
-                dtype = side.split("-", 1)[1] if side.startswith("ours-") else "fp32"
+            graph_sides = ["ours-fp32-graphs"] if batch in args.cuda_graphs_batches else []
+            for side in ref_sides + sides + graph_sides + compile_sides:
+                dtype = side.split("-")[1] if side.startswith("ours-") else "fp32"
                 w = max(warmup, 1) if side == "hf-compile" else warmup  # the compiling call is never timed
                 jobs.append(dict(base, side=side, dtype=dtype, warmup=w, repeats=repeats))
                 case_recs[side] = dict(preset=preset, op=op, batch=batch, seconds=seconds, audio_seconds=audio_s,

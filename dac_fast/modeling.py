@@ -936,12 +936,12 @@ class DacModel(nn.Module):
             return None
         if cuda_graphs is not True:
             raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-        if inputs.device.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs the model and its inputs on a CUDA device, got {inputs.device}; "
-                             "use cuda_graphs=False here")
         if self.training or _needs_graph(net, inputs):
             raise ValueError("cuda_graphs=True runs inference only: call model.eval() and encode/decode under "
                              "torch.inference_mode() or torch.no_grad()")
+        if inputs.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the model and its inputs on a CUDA device, got {inputs.device}; "
+                             "use cuda_graphs=False here")
         if torch.compiler.is_compiling():
             raise ValueError("cuda_graphs=True cannot run under torch.compile (its mode='reduce-overhead' "
                              "captures CUDA graphs itself)")

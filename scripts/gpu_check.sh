@@ -14,15 +14,17 @@
 #
 #   step           cap   what
 #   env             15   card, driver, torch, transformers, nvcc, compute-sanitizer, container runtime (gVisor?)
-#   build          130   dac_fast._C with CUDA kernels in place (DAC_FAST_BUILD=cuda, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16)
+#   build          120   dac_fast._C with CUDA kernels in place (DAC_FAST_BUILD=cuda, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16)
 #   op_tests        60   CUDA op tests: tests/test_ops_cuda.py (tests/test_ops.py on CUDA) + tests/test_op_devices.py
-#   model_parity    60   DacModel on the GPU vs transformers on the GPU, fp32, TF32 off: codes identical, decode close;
-#                        streams vs offline and padded batches vs items alone on the GPU
-#   memcheck        60   compute-sanitizer memcheck over the kernel tests (--report-api-errors no)
-#   racecheck       35   compute-sanitizer racecheck over the kernel tests (--report-api-errors no)
-#   bench_kernels   35   benchmarks/bench_kernels.py on CUDA (no torch.compile column)
-#   bench_model    135   benchmarks/bench_model.py: 44khz forward, 10 s, batch 16 then 1; transformers eager,
-#                        ours fp32 and bf16, then transformers + torch.compile; code agreement beside each figure
+#   model_parity    75   DacModel on the GPU vs transformers on the GPU, fp32, TF32 off: codes identical, decode close;
+#                        streams vs offline and padded batches vs items alone on the GPU; cuda_graphs=True equal to
+#                        eager, host synchronisations of encode/decode (tests/test_cuda_graphs.py)
+#   memcheck        50   compute-sanitizer memcheck over the kernel tests (--report-api-errors no)
+#   racecheck       30   compute-sanitizer racecheck over the kernel tests (--report-api-errors no)
+#   bench_kernels   30   benchmarks/bench_kernels.py on CUDA (no torch.compile column)
+#   bench_model    150   benchmarks/bench_model.py: 44khz forward, 10 s, batch 16 then 1; transformers eager,
+#                        ours fp32 and bf16, ours fp32 with cuda_graphs=True (batch 16 only), then transformers +
+#                        torch.compile; code agreement beside each figure
 #   (packing)     (10)   reserve for the last summary and log archive
 #                 ----
 #                  540
@@ -47,7 +49,7 @@ set -u -o pipefail
 
 TOTAL_BUDGET=540
 PACK_RESERVE=10
-DEVICE_CAPS="env:15 build:130 op_tests:60 model_parity:60 memcheck:60 racecheck:35 bench_kernels:35 bench_model:135"
+DEVICE_CAPS="env:15 build:120 op_tests:60 model_parity:75 memcheck:50 racecheck:30 bench_kernels:30 bench_model:150"
 REHEARSE_CAPS="venv:900 env:60 build:900 op_tests:180 model_parity:120 cpu_tests:420 memcheck:0 racecheck:0 bench_kernels:180 bench_model:300"
 REHEARSE_SPEC="torch==2.11.0 transformers==5.17.0 pytest ninja numpy"
 
@@ -365,7 +367,7 @@ fi
 PYTEST=("$PY" -m pytest -v -rfEs -p no:cacheprovider)
 run_step op_tests "${PYTEST[@]}" --junitxml="$WORK/op_tests.xml" tests/test_ops_cuda.py tests/test_op_devices.py -k "not model_cuda"
 run_step model_parity "${PYTEST[@]}" --junitxml="$WORK/model_parity.xml" tests/test_ops_cuda.py \
-  tests/test_streaming.py -k model_cuda
+  tests/test_streaming.py tests/test_cuda_graphs.py -k model_cuda
 if [ $REHEARSE -eq 1 ]; then
   run_step cpu_tests "${PYTEST[@]}" --junitxml="$WORK/cpu_tests.xml" tests/test_imports.py tests/test_op_devices.py \
     "tests/test_model.py::test_encode_decode_forward_match_transformers[44khz]"
@@ -410,7 +412,8 @@ if [ $REHEARSE -eq 1 ]; then
   MODEL_ARGS=(--device cpu --batch-sizes 1 --seconds 0.25 --warmup 0 --repeats 1 --isolation case)
 else
   KERNEL_ARGS=(--device cuda --repeats 10 --warmup 2 --no-compile)
-  MODEL_ARGS=(--device cuda --batch-sizes 16 1 --seconds 10 --warmup 1 --repeats 3 --compile --timeout 120)
+  MODEL_ARGS=(--device cuda --batch-sizes 16 1 --seconds 10 --warmup 1 --repeats 3 --compile --timeout 120
+              --cuda-graphs-batches 16)
 fi
 run_step bench_kernels "$PY" benchmarks/bench_kernels.py "${KERNEL_ARGS[@]}" --json "$WORK/bench_kernels.json" \
   --markdown "$WORK/bench_kernels.md"

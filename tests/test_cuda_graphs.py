@@ -1,0 +1,180 @@
+"""``cuda_graphs=True`` in DacModel.encode/decode, and the host synchronisations of encode/decode on CUDA.
+
+On the CPU: the clear errors. On CUDA (skipped without a GPU; scripts/gpu_check.sh runs the tests whose names
+contain `model_cuda` in its model_parity step): graphs give the eager path's codes and audio exactly, for
+several tile shapes, padded batches and after weight updates, and encode/decode wait for the GPU once for their
+input checks (decode from codes twice: the rvq_decode op reads the code range once more itself).
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from dac_fast import DacModel
+from dac_fast.modeling import _CUDA_GRAPHS, CUDA_GRAPH_CACHE_SIZE
+from tests.reference import synth_audio
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def _audio(batch, n_samples, device="cpu", seed=0):
+    clips = [torch.from_numpy(synth_audio(n_samples, 16000, seed=seed + b)).float() for b in range(batch)]
+    return torch.stack(clips).view(batch, 1, -1).to(device)
+
+
+@pytest.fixture(scope="module")
+def cpu_model():
+    return DacModel.from_preset("16khz", seed=0)
+
+
+# ----------------------------------------------------------------------------- errors (CPU)
+def test_cuda_graphs_errors_on_cpu(cpu_model):
+    x = _audio(1, 960)
+    with torch.inference_mode():
+        codes = cpu_model.encode(x).audio_codes
+        with pytest.raises(ValueError, match=r"cuda_graphs=True needs the model and its inputs on a CUDA device, got cpu"):
+            cpu_model.encode(x, cuda_graphs=True)
+        with pytest.raises(ValueError, match=r"cuda_graphs=True needs .* CUDA device"):
+            cpu_model.decode(audio_codes=codes, cuda_graphs=True)
+        with pytest.raises(ValueError, match=r"cuda_graphs must be True or False, got 'yes'"):
+            cpu_model.encode(x, cuda_graphs="yes")
+        assert torch.equal(cpu_model.encode(x, cuda_graphs=False).audio_codes, codes)
+
+
+def test_cuda_graphs_errors_outside_inference(cpu_model):
+    x = _audio(1, 960)
+    # autograd would need the graph: parameters require grad and grad mode is on
+    with pytest.raises(ValueError, match=r"cuda_graphs=True runs inference only"):
+        cpu_model.encode(x, cuda_graphs=True)
+    cpu_model.train()
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match=r"cuda_graphs=True runs inference only.*model.eval\(\)"):
+            cpu_model.decode(torch.zeros(1, 1024, 3), cuda_graphs=True)
+    finally:
+        cpu_model.eval()
+
+
+# ----------------------------------------------------------------------------- CUDA
+@pytest.fixture(scope="module")
+def gpu_model():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    return DacModel.from_preset("16khz", seed=0, device="cuda")
+
+
+def _graph_count(model):
+    cache = _CUDA_GRAPHS.get(model)
+    return 0 if cache is None else len(cache.calls)
+
+
+def _assert_equal(actual, expected, what):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual.double() - expected.double()).abs().max().item()
+    assert torch.equal(actual, expected), f"{what}: graphs differ from eager (max abs difference {diff:.3g})"
+
+
+@cuda
+def test_model_cuda_graphs_equal_eager(gpu_model):
+    """Two batch shapes, untiled and tiled (time tiles of several shapes), encode then decode, each twice so
+    the second call replays."""
+    _CUDA_GRAPHS.pop(gpu_model, None)
+    with torch.inference_mode():
+        for batch, n_samples, tile in [(3, 16000 + 77, None), (2, 9600 + 5, 12)]:
+            x = _audio(batch, n_samples, "cuda", seed=batch)
+            ref = gpu_model.encode(x, tile_frames=tile)
+            ref_audio = gpu_model.decode(ref.quantized_representation, tile_frames=tile).audio_values
+            ref_from_codes = gpu_model.decode(audio_codes=ref.audio_codes, tile_frames=tile).audio_values
+            for attempt in ("capture", "replay"):
+                out = gpu_model.encode(x, tile_frames=tile, cuda_graphs=True)
+                _assert_equal(out.audio_codes, ref.audio_codes, f"codes ({attempt}, batch {batch})")
+                _assert_equal(out.quantized_representation, ref.quantized_representation, f"quantized ({attempt})")
+                audio = gpu_model.decode(ref.quantized_representation, tile_frames=tile, cuda_graphs=True).audio_values
+                _assert_equal(audio, ref_audio, f"decode ({attempt}, batch {batch})")
+                audio = gpu_model.decode(audio_codes=ref.audio_codes, tile_frames=tile, cuda_graphs=True).audio_values
+                _assert_equal(audio, ref_from_codes, f"decode(codes) ({attempt}, batch {batch})")
+            assert 1 <= _graph_count(gpu_model) <= CUDA_GRAPH_CACHE_SIZE
+
+
+@cuda
+def test_model_cuda_graphs_padded_batch(gpu_model):
+    x = _audio(3, 8000 + 31, "cuda", seed=7)
+    mask = torch.ones(3, x.shape[-1], dtype=torch.long, device="cuda")
+    mask[1, 5000:] = 0
+    mask[2, 2001:] = 0
+    with torch.inference_mode():
+        ref = gpu_model.encode(x, padding_mask=mask)
+        ref_audio = gpu_model.decode(audio_codes=ref.audio_codes, audio_frames=ref.audio_frames).audio_values
+        for _ in range(2):
+            out = gpu_model.encode(x, padding_mask=mask, cuda_graphs=True)
+            _assert_equal(out.audio_codes, ref.audio_codes, "padded codes")
+            audio = gpu_model.decode(audio_codes=out.audio_codes, audio_frames=out.audio_frames, cuda_graphs=True)
+            _assert_equal(audio.audio_values, ref_audio, "padded decode")
+
+
+@cuda
+def test_model_cuda_graphs_follow_weight_updates():
+    model = DacModel.from_preset("16khz", seed=1, device="cuda")
+    x = _audio(2, 4800 + 3, "cuda", seed=3)
+    with torch.inference_mode():
+        before = model.encode(x, cuda_graphs=True)
+        model.encode(x, cuda_graphs=True)
+        audio_before = model.decode(before.quantized_representation, cuda_graphs=True).audio_values
+    with torch.no_grad():  # in place: same storage, new version
+        model.encoder.conv1.weight.mul_(-1.5)
+        model.decoder.conv2.weight.mul_(0.5)
+        model.quantizer.quantizers[0].codebook.weight.neg_()
+    with torch.inference_mode():
+        out = model.encode(x, cuda_graphs=True)
+        _assert_equal(out.audio_codes, model.encode(x).audio_codes, "codes after mul_")
+        assert not torch.equal(out.audio_codes, before.audio_codes)
+        audio = model.decode(before.quantized_representation, cuda_graphs=True).audio_values
+        _assert_equal(audio, model.decode(before.quantized_representation).audio_values, "decode after mul_")
+        assert not torch.equal(audio, audio_before)
+    model.load_state_dict(DacModel.from_preset("16khz", seed=2).state_dict())
+    with torch.inference_mode():
+        _assert_equal(model.encode(x, cuda_graphs=True).audio_codes, model.encode(x).audio_codes,
+                      "codes after load_state_dict")
+    model.half()
+    with torch.inference_mode():
+        _assert_equal(model.encode(x.half(), cuda_graphs=True).audio_codes, model.encode(x.half()).audio_codes,
+                      "codes after half()")
+
+
+def _synchronisations(fn):
+    """Host synchronisations of ``fn()`` on the current CUDA device, as torch's sync debug mode reports them."""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+
+
+@cuda
+def test_model_cuda_host_synchronisations(gpu_model):
+    x = _audio(2, 16000 + 77, "cuda", seed=5)
+    mask = torch.ones(2, x.shape[-1], dtype=torch.long, device="cuda")
+    mask[1, 9000:] = 0
+    n = torch.tensor(6, device="cuda")
+    with torch.inference_mode():
+        out = gpu_model.encode(x, padding_mask=mask)
+        for graphs in (False, True):
+            gpu_model.encode(x, cuda_graphs=graphs)  # a graph captures here (capturing synchronises)
+            gpu_model.decode(out.quantized_representation, cuda_graphs=graphs)
+            counts = {
+                "encode": _synchronisations(lambda: gpu_model.encode(x, cuda_graphs=graphs)),
+                "encode(n_quantizers tensor, padding_mask)": _synchronisations(
+                    lambda: gpu_model.encode(x, n_quantizers=n, padding_mask=mask)),
+                "decode(latent)": _synchronisations(
+                    lambda: gpu_model.decode(out.quantized_representation, cuda_graphs=graphs)),
+            }
+            codes_syncs = _synchronisations(lambda: gpu_model.decode(audio_codes=out.audio_codes,
+                                                                     audio_frames=out.audio_frames))
+            for what, syncs in counts.items():
+                assert len(syncs) <= 1, f"{what} (cuda_graphs={graphs}) synchronised {len(syncs)} times: {syncs}"
+            assert len(codes_syncs) <= 2, f"decode(codes) synchronised {len(codes_syncs)} times: {codes_syncs}"

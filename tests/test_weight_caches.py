@@ -1,0 +1,110 @@
+"""The quantizer's weight-derived caches (stacked parameters, normalized codebooks): used, and rebuilt whenever
+the weights change, so codes always equal those of a freshly built model with the same weights (CPU, fp32 and
+the dtypes a model converts to). A model still deep-copies and pickles after use."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from dac_fast import DacModel
+from tests.reference import synth_audio
+
+
+@pytest.fixture(scope="module")
+def audio():
+    return torch.from_numpy(synth_audio(3 * 320 + 77, 16000, seed=3)).float().view(1, 1, -1).repeat(2, 1, 1)
+
+
+def _codes(model, audio):
+    with torch.inference_mode():
+        return model.encode(audio.to(model.dtype)).audio_codes
+
+
+def _fresh_codes(model, audio):
+    """Codes of a model built anew from ``model``'s weights (no cache carried over)."""
+    fresh = DacModel(model.config).to(model.dtype).eval()
+    fresh.load_state_dict(model.state_dict())
+    return _codes(fresh, audio)
+
+
+def test_stacked_parameters_are_cached_and_rebuilt_on_change():
+    model = DacModel.from_preset("16khz", seed=0)
+    with torch.no_grad():
+        first = model.quantizer.stacked_parameters()
+        assert model.quantizer.stacked_parameters() is first  # cached: same tensors, nothing re-stacked
+        model.quantizer.quantizers[3].codebook.weight.mul_(2)
+        second = model.quantizer.stacked_parameters()
+        assert second is not first
+        assert torch.equal(second[2][3], model.quantizer.quantizers[3].codebook.weight)
+    # autograd needs the parameters in the graph: nothing cached, gradients reach the codebooks
+    stacked = model.quantizer.stacked_parameters()
+    assert stacked[2].requires_grad and stacked is not second
+    stacked[2].sum().backward()
+    assert model.quantizer.quantizers[0].codebook.weight.grad is not None
+
+
+def test_normalized_codebook_cached_and_rebuilt_on_change():
+    model = DacModel.from_preset("16khz", seed=0)
+    q = model.quantizer.quantizers[0]
+    latents = torch.randn(2, q.codebook_dim, 9)
+    with torch.no_grad():
+        _, before = q.decode_latents(latents)
+        assert "_normalized_codebook" in q.__dict__
+        q.codebook.weight.neg_()
+        _, after = q.decode_latents(latents)
+    fresh = copy.deepcopy(q)
+    fresh.__dict__.pop("_normalized_codebook")
+    with torch.no_grad():
+        assert torch.equal(after, fresh.decode_latents(latents)[1])
+    assert not torch.equal(after, before)
+
+
+@pytest.mark.parametrize("change", ["mul_", "load_state_dict", "bfloat16", "half", "half_then_float"])
+def test_codes_follow_weight_changes(audio, change):
+    model = DacModel.from_preset("16khz", seed=0)
+    before = _codes(model, audio)  # fills the caches
+    if change == "mul_":
+        with torch.no_grad():
+            for q in model.quantizer.quantizers:
+                q.codebook.weight.mul_(-1)
+                q.in_proj.weight.mul_(1.5)
+    elif change == "load_state_dict":
+        model.load_state_dict(DacModel.from_preset("16khz", seed=1).state_dict())
+    elif change == "bfloat16":
+        model.to(torch.bfloat16)
+    elif change == "half":
+        model.half()
+    else:  # fp16 storage freed, then fp32 storage again: addresses may repeat with the same versions
+        model.half()
+        _codes(model, audio)
+        model.float()
+    after = _codes(model, audio)
+    assert torch.equal(after, _fresh_codes(model, audio))
+    if change in ("mul_", "load_state_dict"):
+        assert not torch.equal(after, before), "the change should move the codes"
+
+
+def test_model_deep_copies_and_pickles_after_use(audio):
+    model = DacModel.from_preset("16khz", seed=0)
+    codes = _codes(model, audio)
+    with torch.no_grad():
+        model.quantizer.stacked_parameters()
+        model.quantizer.quantizers[0].decode_latents(torch.randn(1, 8, 3))
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(_codes(clone, audio), codes)
+        with torch.no_grad():  # the clone's own weights change; the original's codes do not
+            for q in clone.quantizer.quantizers:
+                q.codebook.weight.mul_(-1)
+        assert torch.equal(_codes(clone, audio), _fresh_codes(clone, audio))
+        assert torch.equal(_codes(model, audio), codes)
+
+
+def test_inference_tensor_weights_are_not_cached(audio):
+    with torch.inference_mode():
+        model = DacModel(DacModel.from_preset("16khz", seed=0).config).eval()
+        assert model.quantizer.quantizers[0].codebook.weight.is_inference()
+        first = model.quantizer.stacked_parameters()
+        assert model.quantizer.stacked_parameters() is not first
+        assert "_stacked" not in model.quantizer.__dict__
