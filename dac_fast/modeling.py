@@ -1138,14 +1138,16 @@ class DacModel(nn.Module):
                              decoded_length(self.config, n_frames), tile, decoder_halo_frames(self.config), lengths)
 
     # ------------------------------------------------------------------ streaming
-    def streaming_decoder(self, batch_size: int = 1):
+    def streaming_decoder(self, batch_size: int = 1, cuda_graphs: bool = False):
         """A ``dac_fast.streaming.StreamingDecoder`` for ``batch_size`` independent code streams:
         ``push(codes (B, n, f))`` returns the samples now final, ``flush()`` the rest; their concatenation
         equals ``decode(audio_codes=whole)`` to fp32 rounding. ``lookahead_frames``: frames needed after a
-        frame before all its samples are returned."""
+        frame before all its samples are returned. ``cuda_graphs=True`` (model on CUDA): steady-state pushes
+        of a repeated size replay a CUDA graph of the decoder step (``streaming._StepGraphs``); the audio
+        equals the eager stream's."""
         from .streaming import StreamingDecoder
 
-        return StreamingDecoder(self, batch_size)
+        return StreamingDecoder(self, batch_size, cuda_graphs)
 
     def streaming_encoder(self, batch_size: int = 1, n_quantizers: int | None = None):
         """A ``dac_fast.streaming.StreamingEncoder``: ``push(audio (B, 1, s))`` returns the codes of the frames

@@ -70,8 +70,9 @@ def _graph_count(model):
 
 def _assert_equal(actual, expected, what):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    diff = (actual.double() - expected.double()).abs().max().item()
-    assert torch.equal(actual, expected), f"{what}: graphs differ from eager (max abs difference {diff:.3g})"
+    if not torch.equal(actual, expected):
+        diff = (actual.double() - expected.double()).abs().max().item()
+        raise AssertionError(f"{what}: graphs differ from eager (max abs difference {diff:.3g})")
 
 
 @cuda
@@ -178,3 +179,61 @@ def test_model_cuda_host_synchronisations(gpu_model):
             for what, syncs in counts.items():
                 assert len(syncs) <= 1, f"{what} (cuda_graphs={graphs}) synchronised {len(syncs)} times: {syncs}"
             assert len(codes_syncs) <= 2, f"decode(codes) synchronised {len(codes_syncs)} times: {codes_syncs}"
+
+
+# ----------------------------------------------------------------------------- streaming decoder
+def _stream(dec, codes, sizes, reset_after=None):
+    """Every push's output (and the flush's); ``reset_after`` (push index, mask): a partial reset there."""
+    outs, start = [], 0
+    for i, size in enumerate(sizes):
+        outs.append(dec.push(codes[..., start : start + size]))
+        start += size
+        if reset_after is not None and i == reset_after[0]:
+            dec.reset(reset_after[1])
+    outs.append(dec.flush())
+    return outs
+
+
+def test_streaming_decoder_cuda_graphs_error_on_cpu(cpu_model):
+    with pytest.raises(ValueError, match=r"cuda_graphs=True needs the model on a CUDA device, got cpu"):
+        cpu_model.streaming_decoder(2, cuda_graphs=True)
+    with pytest.raises(ValueError, match=r"cuda_graphs must be True or False, got 1"):
+        cpu_model.streaming_decoder(2, cuda_graphs=1)
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_streaming_step_bookkeeping_replayed_eagerly(cpu_model, reset):
+    """The recorded-step bookkeeping (static buffers, context copied back, positions advanced) on the CPU, with
+    a recorder that replays eagerly instead of a CUDA graph: every push equals the plain stream's exactly,
+    also across a partial reset (pushes after it run eagerly from the state the replays left)."""
+    from dac_fast.streaming import _StepGraphs
+
+    gen = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 1024, (2, 12, 40), generator=gen)
+    sizes = [3] + [4] * 8 + [5]
+    reset_after = (6, torch.tensor([False, True])) if reset else None
+    expected = _stream(cpu_model.streaming_decoder(2), codes, sizes, reset_after)
+    dec = cpu_model.streaming_decoder(2)
+    recorded = []
+    dec._graphs = _StepGraphs(lambda run: recorded.append(run) or run)
+    outs = _stream(dec, codes, sizes, reset_after)
+    assert len(recorded) == 1 and len(dec._graphs.steps) == 1, "steady 4-frame pushes should be recorded once"
+    for i, (out, ref) in enumerate(zip(outs, expected)):
+        _assert_equal(out, ref, f"push {i}")
+
+
+@cuda
+def test_model_cuda_streaming_decoder_graphs_equal_eager(gpu_model):
+    gen = torch.Generator().manual_seed(6)
+    codes = torch.randint(0, 1024, (3, 12, 46), generator=gen).cuda()
+    sizes = [5] + [4] * 9 + [2, 3]
+    expected = _stream(gpu_model.streaming_decoder(3), codes, sizes)
+    dec = gpu_model.streaming_decoder(3, cuda_graphs=True)
+    outs = _stream(dec, codes, sizes)
+    assert len(dec._graphs.steps) == 1, "the steady 4-frame pushes should replay one captured step"
+    for i, (out, ref) in enumerate(zip(outs, expected)):
+        _assert_equal(out, ref, f"push {i}")
+    dec.reset()  # a second request through the same decoder replays the same graph
+    again = _stream(dec, codes, sizes)
+    for i, (out, ref) in enumerate(zip(again, expected)):
+        _assert_equal(out, ref, f"second request, push {i}")
