@@ -753,7 +753,8 @@ class DeviceChecks:
         if not pending:
             return
         device = pending[0][0].device
-        values = torch.stack([t.to(device, torch.float64) for t, _, _ in pending]).tolist()  # the one sync
+        # flags and small integers: exact in float32 (which every accelerator has)
+        values = torch.stack([t.to(device, torch.float32) for t, _, _ in pending]).tolist()  # the one sync
         for value, (_, check, result) in zip(values, pending):
             result.append(check(value))
 
@@ -811,7 +812,8 @@ class _CapturedCall:
 
 class _GraphCache:
     """A model's captured calls, least recently used first, for one version of its weights. The weights they
-    were captured with are kept alive (``sources``) so no other weights can take their addresses."""
+    were captured with are kept alive (``sources``) so no other weights can take their addresses; after
+    ``.to()`` the old weights and graphs are freed at the next ``cuda_graphs=True`` call (or with the model)."""
 
     def __init__(self, weights_key, sources):
         self.weights_key = weights_key
@@ -902,16 +904,15 @@ class DacModel(nn.Module):
             raise ValueError(f"audio_codes has {n} codebooks; this model has {self.config.n_codebooks}")
         if audio_codes.numel() == 0:
             raise ValueError(f"audio_codes is empty: shape {tuple(audio_codes.shape)}")
-        size = self.config.codebook_size
-        now = checks is None
-        checks = DeviceChecks() if now else checks
         if torch.compiler.is_compiling():  # the value range is data-dependent: checked in eager calls only
             return
+        size = self.config.codebook_size
         lo, hi = torch.aminmax(audio_codes)
-        checks.require((lo >= 0) & (hi < size),
-                       lambda: f"audio_codes must lie in [0, {size}), got values in [{lo.item()}, {hi.item()}]")
-        if now:
-            checks.run()
+        queue = DeviceChecks() if checks is None else checks
+        queue.require((lo >= 0) & (hi < size),
+                      lambda: f"audio_codes must lie in [0, {size}), got values in [{lo.item()}, {hi.item()}]")
+        if checks is None:
+            queue.run()
 
     def _tile_frames(self, requested: int | None, default: int | None, inputs: torch.Tensor, net: nn.Module):
         """Item-frames per tile, or None to run untiled (autograd needs the whole graph)."""

@@ -231,7 +231,12 @@ class _StepGraphs:
                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         captured = self.steps.get(key)
         if captured is None and key in self.steady:
-            captured = self.steps[key] = _CapturedStep(decoder, latent, layers, self.capture)
+            state = dict(layers.context), dict(layers.position), dict(layers.to_crop)
+            try:
+                captured = self.steps[key] = _CapturedStep(decoder, latent, layers, self.capture)
+            except BaseException:  # the push fails as a whole: the streams' state is as before it
+                layers.context, layers.position, layers.to_crop = state
+                raise
             while len(self.steps) > self.size:
                 self.steps.popitem(last=False)
         if captured is not None:
