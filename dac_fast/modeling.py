@@ -932,7 +932,8 @@ class DacModel(nn.Module):
         kept in a per-model LRU of ``CUDA_GRAPH_CACHE_SIZE``. Any change of the weights (in-place update,
         load_state_dict, ``.to()``) drops every graph. Results equal the eager tiles': the graph replays the
         same kernels on the same shapes. None for ``cuda_graphs=False``. Raises a ValueError where graphs
-        cannot run: not CUDA, autograd or training mode, torch.compile."""
+        cannot run: not CUDA, autograd or training mode, torch.compile. One graphed call at a time per model
+        (a graph's static buffers are shared by its replays: concurrent threads would overwrite each other's)."""
         if cuda_graphs is False:
             return None
         if cuda_graphs is not True:

@@ -6,6 +6,8 @@ several tile shapes, padded batches and after weight updates, and encode/decode 
 input checks (decode from codes twice: the rvq_decode op reads the code range once more itself).
 """
 
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -140,6 +142,11 @@ def test_model_cuda_graphs_follow_weight_updates():
     with torch.inference_mode():
         _assert_equal(model.encode(x.half(), cuda_graphs=True).audio_codes, model.encode(x.half()).audio_codes,
                       "codes after half()")
+    # the graphs live beside the model: it still deep-copies and pickles, and a copy captures its own
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        with torch.inference_mode():
+            _assert_equal(clone.encode(x.half(), cuda_graphs=True).audio_codes, model.encode(x.half()).audio_codes,
+                          "codes of a copy")
 
 
 def _synchronisations(fn):
