@@ -954,7 +954,8 @@ class DacModel(nn.Module):
         cache = _CUDA_GRAPHS.get(self)
         if cache is None or cache.weights_key != weights_key:
             cache = _CUDA_GRAPHS[self] = _GraphCache(weights_key, [p.detach() for p in params])
-        settings = (ops.current_backend(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        settings = (self.backend or ops.current_backend(), torch.backends.cuda.matmul.allow_tf32,
+                    torch.backends.cudnn.allow_tf32)
 
         def wrap(fn):
             def run(*args):
