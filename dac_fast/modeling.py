@@ -38,31 +38,34 @@ class Snake1d(nn.Module):
 
 
 def tensors_key(tensors):
-    """``weight_key`` for any list of tensors: versions, storage addresses, dtype and device; None where the
-    tensors cannot be tracked (under torch.compile/export; inference tensors) or an autograd graph needs them."""
+    """What identifies ``tensors`` for a cache built from them: versions, storage addresses, dtype and device;
+    None where they cannot be tracked (under torch.compile/export; inference tensors, whose in-place updates
+    bump no version) or an autograd graph needs them."""
     if torch.compiler.is_compiling() or ops.needs_grad(*tensors) or any(t.is_inference() for t in tensors):
         return None
     return tuple((t._version, t.data_ptr()) for t in tensors) + (tensors[0].dtype, tensors[0].device)
 
 
-def derived_from(owner: nn.Module, name: str, tensors, build):
+def derived_from(owner: nn.Module, name: str, tensors, build, store: dict | None = None):
     """``build()``, a value computed from ``tensors`` (e.g. stacked or normalized weights), cached as attribute
     ``name`` of ``owner`` until one of them changes: an in-place update (load_state_dict, ``w.mul_()`` under
     no_grad) bumps its version, ``.to()``/``.half()`` give it new storage. The entry keeps the tensors it was
     built from alive, so their addresses cannot be reused by other weights while it exists (a model copied or
     unpickled carries entries naming storages that are not its own: they never match). Entries hold ordinary
-    tensors only (built outside inference mode, without autograd), so the model still deep-copies and pickles.
-    Not cached (built at every call) where ``tensors_key`` is None."""
+    tensors only (built outside inference mode, without autograd), so the model still deep-copies and pickles;
+    values that cannot be copied go to a ``store`` beside the module instead. Not cached (built at every call)
+    where ``tensors_key`` is None."""
     key = tensors_key(tensors)
     if key is None:
         return build()
-    entry = owner.__dict__.get(name)
+    store = owner.__dict__ if store is None else store
+    entry = store.get(name)
     if entry is not None and entry[0] == key and all(a.data_ptr() == b.data_ptr() for a, b in zip(entry[1], tensors)):
         return entry[2]
     with torch.inference_mode(False), torch.no_grad():
         value = build()
         sources = [t.detach() for t in tensors]
-    owner.__dict__[name] = (key, sources, value)
+    store[name] = (key, sources, value)
     return value
 
 
@@ -206,7 +209,7 @@ def conv_arithmetic(conv: nn.Conv1d, hidden_state: torch.Tensor, padding: int, p
     ``packed``: see ``packed_conv1d``."""
     args = (conv.weight, conv.bias, padding, conv.stride[0], conv.dilation[0], conv.groups)
     if packed:
-        return packed_conv1d(conv, weight_key(conv), hidden_state, *args)
+        return packed_conv1d(conv, hidden_state, *args)
     return _conv1d(hidden_state, *args)
 
 
@@ -221,47 +224,41 @@ def _conv1d(hidden_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 # weights of at least 1 Mi elements (768 channels and up) are worth packing: below it oneDNN's per-call re-pack costs less than the
 # convolution itself, and a packed layout chosen for one window width can run slower at another
 _PACK_MIN_NUMEL = 1024 * 1024
-# owner module -> (key, packed weight); beside the modules, not on them: oneDNN tensors cannot be deep-copied
-# or pickled, and a copied model builds its own
+# owner module -> its packed weights (``derived_from`` entries); beside the modules, not on them: oneDNN tensors
+# cannot be deep-copied or pickled, and a copied model builds its own
 _PACKED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def packed_conv1d(owner: nn.Module, key, hidden_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def packed_conv1d(owner: nn.Module, hidden_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   padding: int, stride: int = 1, dilation: int = 1, groups: int = 1) -> torch.Tensor:
-    """``F.conv1d`` with a large ``weight`` reordered once into oneDNN's blocked layout, cached on ``owner`` under
-    ``key`` (None: nothing to key it on, so no packing).
+    """``F.conv1d`` with a large ``weight`` (``owner``'s, or derived from it) reordered once per weight version
+    into oneDNN's blocked layout.
 
     ``torch.mkldnn_convolution`` re-packs its weight at every call: 20-40 ms for the decoder's first layers on
     2 cores, ten times the convolution of a short stream window. Packed outputs differ from it at rounding
     level (1e-6 relative) and depend on the window width, so only the streaming decoder uses them (its budget
     against the offline decode is 1e-5); offline calls, tiles, padded batches and the encoder keep
-    ``mkldnn_convolution``, whose bits do not depend on the window (identical codes rely on that).
+    ``mkldnn_convolution``, whose bits do not depend on the window (identical codes rely on that). Not packed
+    where the weight is rebuilt at every call (weight norm, inference tensors): packing would cost more.
     """
-    if key is None or weight.numel() < _PACK_MIN_NUMEL or not _onednn_applies(hidden_state):
+    if (weight.numel() < _PACK_MIN_NUMEL or not _onednn_applies(hidden_state) or _weight_normed(owner)
+            or tensors_key([weight]) is None):
         return _conv1d(hidden_state, weight, bias, padding, stride, dilation, groups)
-    key = (key, padding)
-    cached = _PACKED_WEIGHTS.get(owner)
-    if cached is None or cached[0] != key:
+
+    def pack():
         layout_hint = [1, hidden_state.shape[1], 1, 64]
-        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().unsqueeze(2).to_mkldnn(), [0, padding],
-                                                           [1, stride], [1, dilation], groups, layout_hint)
-        cached = (key, packed)
-        _PACKED_WEIGHTS[owner] = cached
-    return torch.ops.mkldnn._convolution_pointwise(hidden_state.contiguous().unsqueeze(2), cached[1], bias,
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().unsqueeze(2).to_mkldnn(), [0, padding],
+                                                         [1, stride], [1, dilation], groups, layout_hint)
+
+    packed = derived_from(owner, f"packed_{padding}", [weight], pack, store=_PACKED_WEIGHTS.setdefault(owner, {}))
+    return torch.ops.mkldnn._convolution_pointwise(hidden_state.contiguous().unsqueeze(2), packed, bias,
                                                    [0, padding], [1, stride], [1, dilation], groups, "none", [],
                                                    None).squeeze(2)
 
 
-def weight_key(conv: nn.Module):
-    """What identifies ``conv``'s parameters for a cache built from them; None where it cannot be tracked:
-    under torch.compile/export (the build joins the graph), for inference tensors (their in-place updates
-    bump no version) and under weight norm (the weight is rebuilt from g and v at every call)."""
-    if hasattr(conv, "parametrizations") or hasattr(conv, "weight_g"):
-        return None
-    params = [t for t in (conv.weight, conv.bias) if t is not None]
-    if torch.compiler.is_compiling() or any(t.is_inference() for t in params):
-        return None
-    return tuple((t._version, t.data_ptr()) for t in params) + (conv.weight.dtype, conv.weight.device)
+def _weight_normed(conv: nn.Module) -> bool:
+    """Weight norm (parametrized or the old hook): ``conv.weight`` is rebuilt from g and v at every access."""
+    return hasattr(conv, "parametrizations") or hasattr(conv, "weight_g")
 
 
 def conv_transpose_arithmetic(conv: nn.ConvTranspose1d, hidden_state: torch.Tensor) -> torch.Tensor:
@@ -337,22 +334,22 @@ def conv_transpose_polyphase(conv: nn.ConvTranspose1d, hidden_state: torch.Tenso
 
     torch's CPU ConvTranspose1d takes a slow im2col path plus copies; the regular convolution runs on
     oneDNN. Output phase r of input frame q is sample s*q + r - padding: y = sum_c W[c, :, r] x[c, q] +
-    W[c, :, s + r] x[c, q - 1]. The phase weights are built once per weight version (``weight_key``; weights
+    W[c, :, s + r] x[c, q - 1]. The phase weights are built once per weight version (``derived_from``; weights
     made under torch.inference_mode are rebuilt at every call, dac_fast's loaders make ordinary tensors even
     there). ``packed``: see ``packed_conv1d``.
     """
     s, p = conv.stride[0], conv.padding[0]
     c_in, c_out, k = conv.weight.shape
-    key = weight_key(conv)
-    cached = getattr(conv, "_polyphase", None)
-    if key is None or cached is None or cached[0] != key:
+
+    def phase_weights():
         weight = conv.weight.detach().view(c_in, c_out, 2, s).flip(2).permute(3, 1, 0, 2)
-        cached = (key, weight.reshape(s * c_out, c_in, 2).contiguous(), conv.bias.detach().repeat(s))
-        conv._polyphase = cached if key is not None else None
+        return weight.reshape(s * c_out, c_in, 2).contiguous(), conv.bias.detach().repeat(s)
+
+    cached = derived_from(conv, "_polyphase", [conv.weight, conv.bias], phase_weights)
     if packed:  # (B, s * C_out, L + 1)
-        phases = packed_conv1d(conv, key, hidden_state, cached[1], cached[2], padding=1)
+        phases = packed_conv1d(conv, hidden_state, cached[0], cached[1], padding=1)
     else:
-        phases = F.conv1d(hidden_state, cached[1], cached[2], padding=1)
+        phases = F.conv1d(hidden_state, cached[0], cached[1], padding=1)
     batch, _, frames = phases.shape
     length = (hidden_state.shape[-1] - 1) * s - 2 * p + k
     out = phases.view(batch, s, c_out, frames).permute(0, 2, 3, 1).reshape(batch, c_out, frames * s)

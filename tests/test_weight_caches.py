@@ -86,6 +86,38 @@ def test_codes_follow_weight_changes(audio, change):
         assert not torch.equal(after, before), "the change should move the codes"
 
 
+@pytest.mark.parametrize("change", ["mul_", "load_state_dict", "half_then_float"])
+def test_decoder_caches_follow_weight_changes(change):
+    """The decoder's weight-derived caches (polyphase weights offline, packed oneDNN weights in a stream):
+    after a change, offline and streamed audio equal a fresh model's."""
+    model = DacModel.from_preset("16khz", seed=0)
+    codes = torch.randint(0, 1024, (1, 12, 9), generator=torch.Generator().manual_seed(4))
+
+    def decoded(m):
+        with torch.inference_mode():
+            offline = m.decode(audio_codes=codes).audio_values
+        stream = m.streaming_decoder()
+        return offline, torch.cat([stream.push(codes[..., :4]), stream.push(codes[..., 4:]), stream.flush()], -1)
+
+    before = decoded(model)  # fills the caches
+    if change == "mul_":
+        with torch.no_grad():
+            for module in model.decoder.modules():
+                if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+                    module.weight.mul_(0.5)
+    elif change == "load_state_dict":
+        model.load_state_dict(DacModel.from_preset("16khz", seed=1).state_dict())
+    else:  # fp16 storage freed, then fp32 storage again: addresses may repeat with the same versions
+        model.half()
+        model.float()
+    fresh = DacModel(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    after, expected = decoded(model), decoded(fresh)
+    assert torch.equal(after[0], expected[0])
+    assert (after[1] - expected[1]).abs().max().item() == 0  # the same packing of the same weights
+    assert not torch.equal(after[0], before[0]), "the change should move the audio"
+
+
 def test_model_deep_copies_and_pickles_after_use(audio):
     model = DacModel.from_preset("16khz", seed=0)
     codes = _codes(model, audio)
