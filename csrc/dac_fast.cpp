@@ -341,8 +341,9 @@ Tensor rvq_decode(const Tensor& codes_, const Tensor& codebook, const Tensor& ou
   const int64_t B = codes_.size(0), n = codes_.size(1), T = codes_.size(2), N = codebook.size(0);
   TORCH_CHECK(n >= 1 && n <= N, "dac_fast::rvq_decode: codes has ", n, " codebooks but the quantizer has ", N);
   auto codes = codes_.to(at::kLong).contiguous();
-  if (codes.numel() > 0) {
-    // one host synchronisation for both bounds (DacModel checks them before it calls here, with its own single read)
+  if (codes.numel() > 0 && !is_cuda(codes)) {
+    // on the CPU reading the bounds costs nothing; on CUDA it would be a host synchronisation, so there bad codes
+    // give NaN rows instead (rvq_gather_element) and DacModel checks the range in its one batched read
     auto bounds = at::stack({codes.min(), codes.max()}).cpu();
     auto mn = bounds[0].item<int64_t>(), mx = bounds[1].item<int64_t>();
     TORCH_CHECK(mn >= 0 && mx < kCodebookSize, "dac_fast::rvq_decode: codes must be in [0, ", kCodebookSize, "), got values in [",

@@ -359,7 +359,9 @@ def rvq_decode_reference(codes, codebook, out_proj_weight, out_proj_bias) -> tor
 
 
 def rvq_decode(codes, codebook, out_proj_weight, out_proj_bias) -> torch.Tensor:
-    """Decode-from-codes in one call; see ``rvq_decode_reference`` for shapes."""
+    """Decode-from-codes in one call; see ``rvq_decode_reference`` for shapes. Codes outside [0, 1024) raise on
+    the CPU; on CUDA the op reads nothing back (no host synchronisation) and their rows come out NaN:
+    ``DacModel.decode`` checks the range in its one batched input read."""
     if _use(codes, _rvq_supported(codebook, codebook)) and not needs_grad(codebook, out_proj_weight, out_proj_bias):
         return torch.ops.dac_fast.rvq_decode(codes, codebook, out_proj_weight, out_proj_bias)
     return rvq_decode_reference(codes, codebook, out_proj_weight, out_proj_bias)

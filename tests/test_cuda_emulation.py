@@ -240,6 +240,19 @@ def test_rvq_gather(emu, B, n, T, max_blocks):
     assert torch.equal(Q, ref)
 
 
+def test_rvq_gather_bad_codes_give_nan_rows(emu):
+    """The CUDA op does not read codes back to check them: a code outside [0, 1024) gives a NaN row, never an
+    out-of-bounds read; the other rows are the codebooks'."""
+    cb = torch.randn(2, 1024, 8, generator=torch.Generator().manual_seed(0))
+    codes = torch.randint(0, 1024, (2, 2, 9), generator=torch.Generator().manual_seed(1))
+    codes[0, 1, 3], codes[1, 0, 8], codes[1, 1, 0] = -1, 1024, 1 << 40
+    Q = emu.rvq_gather(codes, cb, 0).view(2, 2, 8, 9)
+    bad = (codes < 0) | (codes >= 1024)
+    assert torch.isnan(Q).all(2).eq(bad).all() and not torch.isnan(Q).any(2).logical_and(~bad).any()
+    good = torch.stack([cb[i][codes[:, i].clamp(0, 1023)] for i in range(2)], 1).permute(0, 1, 3, 2)
+    assert torch.equal(Q.masked_fill(bad.unsqueeze(2), 0), good.masked_fill(bad.unsqueeze(2), 0))
+
+
 @pytest.mark.parametrize("first", [True, False])
 @pytest.mark.parametrize("write_residual", [True, False])
 @pytest.mark.parametrize("numel,max_blocks", [(1, 0), (1000, 1), (1000, 0)])

@@ -406,8 +406,7 @@ void rvq_gather_cpu(const at::Tensor& codes_, const at::Tensor& cb_, const at::T
       float* qp = Q + bi * kCodebookDim * T;
       const float* cbi = cb + i * K * kCodebookDim;
       for (int64_t t = 0; t < T; ++t) {
-        const float* row = cbi + cp[t] * kCodebookDim;
-        for (int k = 0; k < kCodebookDim; ++k) qp[k * T + t] = row[k];
+        for (int k = 0; k < kCodebookDim; ++k) qp[k * T + t] = rvq_gather_element(cbi, cp[t], K, k);
       }
     }
   });

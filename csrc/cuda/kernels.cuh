@@ -392,8 +392,7 @@ __global__ void rvq_gather_kernel(const int64_t* __restrict__ codes, const float
     const int64_t k = (idx / T) % kCodebookDim;
     const int64_t bi = idx / (T * kCodebookDim);  // b * n + i
     const int64_t i = bi % n;
-    const int64_t code = codes[bi * T + t];
-    Q[idx] = cb[(i * K + code) * kCodebookDim + k];
+    Q[idx] = rvq_gather_element(cb + i * K * kCodebookDim, codes[bi * T + t], K, k);
   }
 }
 

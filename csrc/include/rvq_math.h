@@ -27,6 +27,13 @@ DAC_HD bool rvq_better(T v, int64_t i, T bv, int64_t bi) {
   return v > bv || (v == bv && i < bi);
 }
 
+// element k of row ``code`` of one codebook (K rows of 8); NaN for a code outside [0, K): the CUDA op does not
+// read the codes back to check them (no host synchronisation), so a bad code shows as a NaN row instead of
+// reading out of bounds
+DAC_HD float rvq_gather_element(const float* codebook, int64_t code, int64_t K, int k) {
+  return (code >= 0 && code < K) ? codebook[code * kCodebookDim + k] : nanf("");
+}
+
 // dot product of two 8-vectors as a sequential chain (fast mode)
 template <typename T>
 DAC_HD T rvq_dot8(const T* a, const T* b) {
