@@ -220,10 +220,21 @@ Tensor normalize_rows(const Tensor& x) {
 
 std::tuple<Tensor, Tensor, Tensor> rvq_encode(const Tensor& z_, const Tensor& in_w, const Tensor& in_b,
                                               const Tensor& codebook, const Tensor& out_w, const Tensor& out_b,
-                                              int64_t n, bool exact) {
+                                              int64_t n, bool exact,
+                                              const std::optional<Tensor>& normalized_codebook) {
   const char* op = "rvq_encode";
   check_one_device(op, {{"z", &z_}, {"in_proj_weight", &in_w}, {"in_proj_bias", &in_b}, {"codebook", &codebook},
                         {"out_proj_weight", &out_w}, {"out_proj_bias", &out_b}});
+  // the caller's F.normalize(codebook, dim=-1), cached per weight version; else normalized here at every call
+  const bool given = normalized_codebook.has_value() && normalized_codebook->defined();
+  if (given) {
+    check_one_device(op, {{"z", &z_}, {"normalized_codebook", &*normalized_codebook}});
+    TORCH_CHECK(normalized_codebook->sizes() == codebook.sizes() &&
+                    normalized_codebook->scalar_type() == codebook.scalar_type(),
+                "dac_fast::rvq_encode: normalized_codebook must have the codebook's shape ", codebook.sizes(),
+                " and dtype ", codebook.scalar_type(), ", got ", normalized_codebook->sizes(), " ",
+                normalized_codebook->scalar_type());
+  }
   TORCH_CHECK(z_.dim() == 3, "dac_fast::rvq_encode: z must have shape (B, D, T), got ", z_.sizes());
   TORCH_CHECK(z_.scalar_type() == at::kFloat, "dac_fast::rvq_encode: z must be float32, got ", z_.scalar_type());
   const int64_t B = z_.size(0), D = z_.size(1), T = z_.size(2);
@@ -262,7 +273,7 @@ std::tuple<Tensor, Tensor, Tensor> rvq_encode(const Tensor& z_, const Tensor& in
       auto projected = at::conv1d(residual, in_w[i].unsqueeze(-1), in_b[i]);  // (B, 8, T)
       latents.narrow(1, i * kCodebookDim, kCodebookDim).copy_(projected);
       auto enc = normalize_rows(projected.permute({0, 2, 1}).reshape({B * T, kCodebookDim}));
-      auto cbn = normalize_rows(codebook[i]);
+      auto cbn = given ? normalized_codebook->select(0, i) : normalize_rows(codebook[i]);
       auto l2 = enc.pow(2).sum(1).contiguous();
       auto cn2 = cbn.pow(2).sum(1).contiguous();
       if (cuda) {
@@ -309,7 +320,8 @@ std::tuple<Tensor, Tensor, Tensor> rvq_encode(const Tensor& z_, const Tensor& in
   a.A = at::matmul(Win.unsqueeze(1), Wout.unsqueeze(0)).contiguous();                       // (n, n, 8, 8)
   a.c = at::matmul(Win.unsqueeze(1), out_b.narrow(0, 0, n).unsqueeze(-1).unsqueeze(0)).squeeze(-1).contiguous();  // (n, n, 8)
   auto cb = codebook.narrow(0, 0, n).contiguous();
-  auto cbn = cb / at::linalg_vector_norm(cb, 2, at::IntArrayRef{2}, true, std::nullopt).clamp_min(1e-12);
+  auto cbn = given ? normalized_codebook->narrow(0, 0, n)
+                   : cb / at::linalg_vector_norm(cb, 2, at::IntArrayRef{2}, true, std::nullopt).clamp_min(1e-12);
   a.cbn = cbn.contiguous();
   a.cbnT = cbn.transpose(1, 2).contiguous();
   a.cn2 = cbn.pow(2).sum(2).contiguous();
@@ -384,6 +396,7 @@ TORCH_LIBRARY(dac_fast, m) {
   m.def("scale_bias_snake(Tensor y, Tensor scale, Tensor bias, Tensor alpha) -> Tensor");
   m.def(
       "rvq_encode(Tensor z, Tensor in_proj_weight, Tensor in_proj_bias, Tensor codebook, Tensor out_proj_weight, "
-      "Tensor out_proj_bias, int n_quantizers, bool exact) -> (Tensor, Tensor, Tensor)");
+      "Tensor out_proj_bias, int n_quantizers, bool exact, Tensor? normalized_codebook=None) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("rvq_decode(Tensor codes, Tensor codebook, Tensor out_proj_weight, Tensor out_proj_bias) -> Tensor");
 }

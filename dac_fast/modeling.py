@@ -456,8 +456,10 @@ class DacResidualVectorQuantizer(nn.Module):
             half = (frames + 1) // 2
             padded = F.pad(hidden_state, (0, 2 * half - frames), mode="replicate")
             hidden_state = padded.view(-1, 2, half).transpose(0, 1)  # (2, D, half)
+        normalized = derived_from(self, "_normalized_codebooks", [codebook], lambda: F.normalize(codebook, dim=-1))
         codes, quantized, latents = ops.rvq_encode(
-            hidden_state, in_w, in_b, codebook, out_w, out_b, n_quantizers, mode=self.mode
+            hidden_state, in_w, in_b, codebook, out_w, out_b, n_quantizers, mode=self.mode,
+            normalized_codebook=normalized,
         )
         if fold:
             codes, quantized, latents = (t.transpose(0, 1).reshape(1, t.shape[1], 2 * half)[..., :frames]

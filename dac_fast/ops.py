@@ -334,16 +334,20 @@ def rvq_encode_reference(
     return torch.stack(codes, dim=1), quantized, torch.cat(latents, dim=1)
 
 
-def rvq_encode(z, in_proj_weight, in_proj_bias, codebook, out_proj_weight, out_proj_bias, n_quantizers, mode="exact"):
+def rvq_encode(z, in_proj_weight, in_proj_bias, codebook, out_proj_weight, out_proj_bias, n_quantizers, mode="exact",
+               normalized_codebook=None):
     """The whole residual vector quantizer in one call; see ``rvq_encode_reference`` for shapes.
 
     mode="exact" gives transformers' codes; mode="fast" may reassociate (opt-in, measured agreement).
+    ``normalized_codebook``: ``F.normalize(codebook, dim=-1)`` when the caller keeps it (the model caches it per
+    weight version); otherwise the op normalizes the codebooks at every call. The same bits either way.
     """
     if mode not in ("exact", "fast"):
         raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
     if _use(z, _rvq_supported(z, codebook)) and not needs_grad(z, in_proj_weight, in_proj_bias, codebook, out_proj_weight, out_proj_bias):
         codes, quantized, latents = torch.ops.dac_fast.rvq_encode(
-            z, in_proj_weight, in_proj_bias, codebook, out_proj_weight, out_proj_bias, int(n_quantizers), mode == "exact"
+            z, in_proj_weight, in_proj_bias, codebook, out_proj_weight, out_proj_bias, int(n_quantizers), mode == "exact",
+            normalized_codebook,
         )
         return codes, quantized, latents
     return rvq_encode_reference(z, in_proj_weight, in_proj_bias, codebook, out_proj_weight, out_proj_bias, n_quantizers)
@@ -393,7 +397,7 @@ def _register() -> None:
     torch.library.register_fake(lib + "add_snake")(lambda a, b, alpha: (contiguous_like(a), contiguous_like(a)))
     torch.library.register_fake(lib + "scale_bias_snake")(lambda y, scale, bias, alpha: contiguous_like(y))
 
-    def rvq_encode_fake(z, in_w, in_b, codebook, out_w, out_b, n_quantizers, exact):
+    def rvq_encode_fake(z, in_w, in_b, codebook, out_w, out_b, n_quantizers, exact, normalized_codebook=None):
         b, d, t = z.shape
         n = int(n_quantizers)
         dim = codebook.shape[2]

@@ -240,8 +240,10 @@ def test_opcheck_snake_family(device):
 def test_opcheck_rvq(device):
     w = _rvq_weights(2, 64, device)
     z = _x((2, 64, 13), device, scale=1.0)
+    normalized = torch.nn.functional.normalize(w[2], dim=-1)
     for exact in (True, False):
         _opcheck(torch.ops.dac_fast.rvq_encode.default, (z, *w, 2, exact))
+        _opcheck(torch.ops.dac_fast.rvq_encode.default, (z, *w, 2, exact, normalized))
     codes = torch.randint(0, 1024, (2, 2, 13), device=device)
     _opcheck(torch.ops.dac_fast.rvq_decode.default, (codes, *w[2:]))
 
@@ -375,6 +377,22 @@ def test_rvq_decode_matches_transformers(T, device):
     # non-contiguous codes and int32 codes
     out_nc = torch.ops.dac_fast.rvq_decode(codes.transpose(0, 1).contiguous().transpose(0, 1).int(), *w[2:])
     torch.testing.assert_close(out_nc, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_rvq_encode_given_normalized_codebook_same_bits(device, exact):
+    """The model passes F.normalize(codebook, dim=-1), cached per weight version: the op must give exactly what it
+    gives when it normalizes the codebooks itself (both modes, fewer quantizers than codebooks too)."""
+    w = _rvq_weights(5, 96, device, seed=21)
+    z = _x((3, 96, 41), device, seed=22, scale=2.0)
+    normalized = torch.nn.functional.normalize(w[2], dim=-1)
+    for n in (5, 3):
+        own = torch.ops.dac_fast.rvq_encode(z, *w, n, exact)
+        given = ops.rvq_encode(z, *w, n, mode="exact" if exact else "fast", normalized_codebook=normalized)
+        for a, b in zip(own, given):
+            assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="normalized_codebook must have the codebook's shape"):
+        torch.ops.dac_fast.rvq_encode(z, *w, 2, exact, normalized[:, :512])
 
 
 def test_rvq_bad_inputs(device):

@@ -45,6 +45,31 @@ def test_stacked_parameters_are_cached_and_rebuilt_on_change():
     assert model.quantizer.quantizers[0].codebook.weight.grad is not None
 
 
+def test_fused_quantizer_gets_cached_normalized_codebooks(audio, monkeypatch):
+    """encode hands the rvq op the normalized codebooks built once per weight version (not per call)."""
+    from dac_fast import ops
+
+    model = DacModel.from_preset("16khz", seed=0)
+    seen = []
+    real = ops.rvq_encode
+
+    def spy(*args, normalized_codebook=None, **kwargs):
+        seen.append(normalized_codebook)
+        return real(*args, normalized_codebook=normalized_codebook, **kwargs)
+
+    monkeypatch.setattr(ops, "rvq_encode", spy)
+    first = _codes(model, audio)
+    _codes(model, audio)
+    assert len(seen) == 2 and seen[0] is not None and seen[1] is seen[0]
+    with torch.no_grad():
+        model.quantizer.quantizers[0].codebook.weight.mul_(-1)
+    after = _codes(model, audio)
+    assert seen[2] is not seen[0] and torch.equal(after, _fresh_codes(model, audio))
+    assert not torch.equal(after, first)
+    codebooks = torch.stack([q.codebook.weight for q in model.quantizer.quantizers])
+    assert torch.equal(seen[2], torch.nn.functional.normalize(codebooks, dim=-1))
+
+
 def test_normalized_codebook_cached_and_rebuilt_on_change():
     model = DacModel.from_preset("16khz", seed=0)
     q = model.quantizer.quantizers[0]

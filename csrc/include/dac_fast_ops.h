@@ -17,7 +17,8 @@ std::tuple<Tensor, Tensor> add_snake(const Tensor& a, const Tensor& b, const Ten
 Tensor scale_bias_snake(const Tensor& y, const Tensor& scale, const Tensor& bias, const Tensor& alpha);
 std::tuple<Tensor, Tensor, Tensor> rvq_encode(const Tensor& z, const Tensor& in_w, const Tensor& in_b,
                                               const Tensor& codebook, const Tensor& out_w, const Tensor& out_b,
-                                              int64_t n_quantizers, bool exact);
+                                              int64_t n_quantizers, bool exact,
+                                              const std::optional<Tensor>& normalized_codebook);
 Tensor rvq_decode(const Tensor& codes, const Tensor& codebook, const Tensor& out_w, const Tensor& out_b);
 
 // The front ends above as one device key's implementations (they dispatch to that device's kernels);
