@@ -47,18 +47,19 @@ def tensors_key(tensors):
 
 
 def derived_from(owner: nn.Module, name: str, tensors, build, store: dict | None = None):
-    """``build()``, a value computed from ``tensors`` (e.g. stacked or normalized weights), cached as attribute
-    ``name`` of ``owner`` until one of them changes: an in-place update (load_state_dict, ``w.mul_()`` under
+    """``build()``, a value computed from ``tensors`` (e.g. stacked or normalized weights), cached under ``name``
+    in ``owner``'s ``_derived`` dict until one of them changes: an in-place update (load_state_dict, ``w.mul_()`` under
     no_grad) bumps its version, ``.to()``/``.half()`` give it new storage. The entry keeps the tensors it was
     built from alive, so their addresses cannot be reused by other weights while it exists (a model copied or
     unpickled carries entries naming storages that are not its own: they never match). Entries hold ordinary
     tensors only (built outside inference mode, without autograd), so the model still deep-copies and pickles;
     values that cannot be copied go to a ``store`` beside the module instead. Not cached (built at every call)
-    where ``tensors_key`` is None."""
+    where ``tensors_key`` is None. Updates through ``.data`` bump no version and are not seen: call
+    ``DacModel.clear_weight_caches()`` after them."""
     key = tensors_key(tensors)
     if key is None:
         return build()
-    store = owner.__dict__ if store is None else store
+    store = owner.__dict__.setdefault("_derived", {}) if store is None else store
     entry = store.get(name)
     if entry is not None and entry[0] == key and all(a.data_ptr() == b.data_ptr() for a, b in zip(entry[1], tensors)):
         return entry[2]
@@ -993,15 +994,16 @@ class DacModel(nn.Module):
         """
         checks = DeviceChecks()
         input_values = _check_audio(input_values, checks).to(self.dtype)  # float64 numpy audio, or fp32 audio into a bf16 model
+        queued_n_quantizers = None
         if isinstance(n_quantizers, torch.Tensor) and n_quantizers.numel() == 1:
-            n_quantizers = checks.value(n_quantizers, int)  # its value is read with the other checks
+            queued_n_quantizers = checks.value(n_quantizers, int)  # its value is read with the other checks
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         graphs = self._graphed("encoder", self.encoder, input_values, cuda_graphs)
         lengths = audio_frames = None
         if padding_mask is not None:
             lengths = self._check_padding_mask(padding_mask, input_values, checks)
         checks.run()
-        n_quantizers = self._check_n_quantizers(n_quantizers[0] if isinstance(n_quantizers, list) else n_quantizers)
+        n_quantizers = self._check_n_quantizers(n_quantizers if queued_n_quantizers is None else queued_n_quantizers[0])
         if padding_mask is not None:
             # padding is zero whatever the caller put there; an item too short for the encoder is zero-padded
             # to one hop, as it is when encoded alone
@@ -1092,7 +1094,6 @@ class DacModel(nn.Module):
                 lengths = self._check_audio_frames(audio_frames, source, checks)
             checks.run()
             if audio_codes is not None:
-                # on CUDA the rvq_decode op reads the code range once more (it guards its own gather)
                 quantized_representation = self.quantizer.from_codes(audio_codes)[0]
             audio_values = self._decode_latent(quantized_representation, tile_frames, lengths, graphs).squeeze(1)
             if lengths is not None:
@@ -1140,6 +1141,22 @@ class DacModel(nn.Module):
                              decoded_length(self.config, n_frames), tile, decoder_halo_frames(self.config), lengths)
 
     # ------------------------------------------------------------------ streaming
+    # ------------------------------------------------------------------ weight-derived caches
+    def clear_weight_caches(self) -> None:
+        """Drop everything built from the weights: polyphase and packed convolution weights, stacked and
+        normalized codebooks, captured CUDA graphs (rebuilt on next use). Changes made through the parameters
+        (in place under no_grad, ``load_state_dict``, ``.to()``) are seen without it; updates through ``.data``
+        bump no version counter, so call it after those. ``.to()``, ``.half()``, ``.cuda()`` ... call it first,
+        so no copy of the old weights outlives the move."""
+        for module in self.modules():
+            module.__dict__.pop("_derived", None)
+            _PACKED_WEIGHTS.pop(module, None)
+        _CUDA_GRAPHS.pop(self, None)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_weight_caches()
+        return super()._apply(fn, *args, **kwargs)
+
     def streaming_decoder(self, batch_size: int = 1, cuda_graphs: bool = False):
         """A ``dac_fast.streaming.StreamingDecoder`` for ``batch_size`` independent code streams:
         ``push(codes (B, n, f))`` returns the samples now final, ``flush()`` the rest; their concatenation

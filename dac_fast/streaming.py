@@ -36,6 +36,7 @@ from .modeling import (
     conv_arithmetic,
     conv_transpose_polyphase,
     decoder_reach,
+    encoded_frames,
     encoder_reach,
     tensors_key,
     zero_outside,
@@ -384,7 +385,9 @@ class StreamingEncoder:
         mask (B,) or indices: those streams drop the audio in flight and start a new request with the next
         push, while the others go on. The streams share one frame grid, so a chosen stream can restart only
         on a frame boundary (samples pushed so far a multiple of ``hop_length``). Returns the number of
-        frames each restarted stream returns before its new request's codes: they hold -1 (drop them)."""
+        frames each restarted stream returns before its new request's codes: they hold -1 (drop them). A new
+        request shorter than one frame's worth of samples gets no frame here (``encode`` alone would zero-pad
+        it to one hop and return one)."""
         if streams is None:
             self._layers = LayerStreams(self.model.encoder, self.batch_size, self._layer_rates())
             self.samples = 0  # samples pushed
@@ -433,8 +436,13 @@ class StreamingEncoder:
         self.finished = True
         if self.samples == 0:
             return torch.zeros(self.batch_size, self.n_quantizers, 0, dtype=torch.long, device=self.model.device)
+        short = max(0, self.config.hop_length - self.samples) if encoded_frames(self.config, self.samples) < 1 else 0
+        # too short for one frame: zero-padded to one hop, as encode() pads such an input
+        padded = self._run(torch.zeros(self.batch_size, 1, short, dtype=self.model.dtype, device=self.model.device))
+        self.samples += short
         self._layers.final = True
-        return self._run(torch.zeros(self.batch_size, 1, 0, dtype=self.model.dtype, device=self.model.device))
+        rest = self._run(torch.zeros(self.batch_size, 1, 0, dtype=self.model.dtype, device=self.model.device))
+        return torch.cat([padded, rest], dim=-1)
 
     def _run(self, audio: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self.model._backend_scope():

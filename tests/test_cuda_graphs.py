@@ -3,7 +3,7 @@
 On the CPU: the clear errors. On CUDA (skipped without a GPU; scripts/gpu_check.sh runs the tests whose names
 contain `model_cuda` in its model_parity step): graphs give the eager path's codes and audio exactly, for
 several tile shapes, padded batches and after weight updates, and encode/decode wait for the GPU once for their
-input checks (decode from codes twice: the rvq_decode op reads the code range once more itself).
+input checks (decode from codes too: the rvq_decode op reads nothing back on CUDA).
 """
 
 import copy

@@ -299,7 +299,7 @@ def test_bad_audio(small_model, make, error, match):
         small_model.encode(make())
 
 
-@pytest.mark.parametrize("n", [0, 13, -1, 2.5, True])
+@pytest.mark.parametrize("n", [0, 13, -1, 2.5, True, [4], []])
 def test_bad_n_quantizers(small_model, n):
     with pytest.raises(ValueError, match=r"n_quantizers must be an integer in \[1, 12\]"):
         small_model.encode(torch.zeros(1, 1, 320), n_quantizers=n)

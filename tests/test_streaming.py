@@ -242,6 +242,17 @@ def test_streaming_encoder_reset_one_stream_midway():
     assert torch.equal(codes[1, :, 6:], expected_new)
 
 
+def test_streaming_encoder_input_shorter_than_a_frame_is_padded_like_encode():
+    """encode() zero-pads an input too short for one frame to one hop; a stream that ends that short does too."""
+    model = model_for("16khz")
+    for length in (1, 37, 200):
+        audio = torch.from_numpy(synth_audio(length, model.config.sampling_rate, seed=length))[None, None]
+        with torch.inference_mode():
+            expected = model.encode(audio).audio_codes
+        codes = stream_encode(model.streaming_encoder(), audio, [length])
+        assert expected.shape[-1] == 1 and torch.equal(codes, expected)
+
+
 def test_streaming_bad_input_is_rejected_and_changes_nothing():
     model = model_for("16khz")
     codes = random_codes(model, 2, 12, seed=6)

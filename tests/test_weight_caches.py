@@ -76,11 +76,11 @@ def test_normalized_codebook_cached_and_rebuilt_on_change():
     latents = torch.randn(2, q.codebook_dim, 9)
     with torch.no_grad():
         _, before = q.decode_latents(latents)
-        assert "_normalized_codebook" in q.__dict__
+        assert "_normalized_codebook" in q.__dict__["_derived"]
         q.codebook.weight.neg_()
         _, after = q.decode_latents(latents)
     fresh = copy.deepcopy(q)
-    fresh.__dict__.pop("_normalized_codebook")
+    fresh.__dict__.pop("_derived")
     with torch.no_grad():
         assert torch.equal(after, fresh.decode_latents(latents)[1])
     assert not torch.equal(after, before)
@@ -141,6 +141,38 @@ def test_decoder_caches_follow_weight_changes(change):
     assert torch.equal(after[0], expected[0])
     assert (after[1] - expected[1]).abs().max().item() == 0  # the same packing of the same weights
     assert not torch.equal(after[0], before[0]), "the change should move the audio"
+
+
+def test_updates_through_data_need_clear_weight_caches(audio):
+    """``.data`` updates bump no version counter: the caches cannot see them; clear_weight_caches() makes the
+    model equal a fresh one again (codes and decoded audio)."""
+    model = DacModel.from_preset("16khz", seed=0)
+    codes = _codes(model, audio)
+    with torch.inference_mode():
+        model.decode(audio_codes=codes)
+    for q in model.quantizer.quantizers:
+        q.codebook.weight.data.neg_()
+    model.decoder.block[0].conv_t1.weight.data.mul_(0.5)
+    model.clear_weight_caches()
+    fresh = DacModel(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(_codes(model, audio), _codes(fresh, audio))
+    with torch.inference_mode():
+        assert torch.equal(model.decode(audio_codes=codes).audio_values, fresh.decode(audio_codes=codes).audio_values)
+
+
+def test_moving_a_model_drops_its_weight_caches(audio):
+    """.to()/.half() clear the caches first: nothing built from the old weights (nor the old weights) is kept."""
+    from dac_fast.modeling import _PACKED_WEIGHTS
+
+    model = DacModel.from_preset("16khz", seed=0)
+    codes = _codes(model, audio)
+    model.streaming_decoder(batch_size=codes.shape[0]).push(torch.cat([codes, codes], dim=-1))
+    assert any("_derived" in m.__dict__ for m in model.modules())
+    assert any(m in _PACKED_WEIGHTS for m in model.modules())
+    model.to(torch.float64)
+    assert not any("_derived" in m.__dict__ for m in model.modules())
+    assert not any(m in _PACKED_WEIGHTS for m in model.modules())
 
 
 def test_model_deep_copies_and_pickles_after_use(audio):
