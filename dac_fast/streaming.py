@@ -69,6 +69,16 @@ class LayerStreams:
         starts = self.starts if self.starts is not None else torch.zeros(self.batch_size, dtype=torch.long)
         self.starts = torch.where(mask, frame, starts)
 
+    def settle(self, outputs_done: bool) -> None:
+        """Forget the restart points once they no longer matter: every layer's kept input begins at or after the
+        latest restart (so no window holds anything to zero) and ``outputs_done`` (the caller has returned
+        everything before it). Pushes then run unmasked again (and a CUDA-graph step may replay)."""
+        if self.starts is None or not outputs_done:
+            return
+        latest = int(self.starts.max())
+        if all(self.position.get(name, -1) >= latest * rate for name, rate in self.elements_per_frame.items()):
+            self.starts = None
+
     def _window(self, name: str, hidden_state: torch.Tensor, left: int, right: int) -> torch.Tensor:
         """[kept context | new input | right padding if final], zeroed before each stream's start."""
         if name not in self.context:
@@ -210,8 +220,9 @@ class _StepGraphs:
     has cropped its leading samples, and it leaves every layer's kept context with the shapes it found: then
     the next push of the same size repeats the same kernels on the same shapes. The first such step of a push
     size runs eagerly and marks the (push shape, context shapes, weights) key steady; the next is captured,
-    and later ones replay. First pushes, odd-sized pushes, pushes after ``reset(streams)`` and ``flush`` run
-    eagerly. At most ``size`` recorded steps are kept (least recently used dropped)."""
+    and later ones replay. First pushes, odd-sized pushes, pushes after ``reset(streams)`` (until
+    ``LayerStreams.settle``) and ``flush`` run eagerly. At most ``size`` recorded steps are kept (least recently
+    used dropped)."""
 
     def __init__(self, capture, size: int = 4):
         self.capture = capture
@@ -351,6 +362,8 @@ class StreamingDecoder:
             start = self._layers.starts.to(audio.device) * self.config.hop_length
             audio = zero_outside(audio.unsqueeze(1), self.released, start=start).squeeze(1)
         self.released += audio.shape[-1]
+        if self._layers.starts is not None:
+            self._layers.settle(self.released >= int(self._layers.starts.max()) * self.config.hop_length)
         return audio
 
 
@@ -456,4 +469,5 @@ class StreamingEncoder:
         # restarted streams: their old request's frames still in flight are not codes of anything
         frames = first + torch.arange(codes.shape[-1], device=codes.device)
         stale = frames.view(1, 1, -1) < self._layers.starts.to(codes.device).view(-1, 1, 1)
+        self._layers.settle(self.emitted >= int(self._layers.starts.max()))
         return codes.masked_fill(stale, -1)

@@ -162,6 +162,50 @@ def test_streaming_decoder_under_weight_norm():
     assert not any(owner in packed_weights for owner in model.decoder.modules())
 
 
+def test_streams_settle_after_a_restart():
+    """Once the restarted streams' lookahead has passed, the restart points are forgotten (pushes run unmasked
+    again) and every stream stays exact: decoder audio and encoder codes of both slots."""
+    model = model_for("16khz")
+    sr, hop = model.config.sampling_rate, model.config.hop_length
+    first, second = random_codes(model, 2, 40, seed=16), random_codes(model, 1, 34, seed=17)
+    dec = model.streaming_decoder(batch_size=2)
+    outs = [dec.push(first[..., :6])]
+    lead_in = dec.reset([1])
+    pushed = first[..., 6:].clone()
+    pushed[1:] = second
+    settled_at = None
+    for start in range(0, 34, 4):
+        outs.append(dec.push(pushed[..., start : start + 4]))
+        if settled_at is None and dec._layers.starts is None:
+            settled_at = start
+    outs.append(dec.flush())
+    assert settled_at is not None and settled_at < 30
+    audio = torch.cat(outs, dim=-1)
+    with torch.inference_mode():
+        expected0 = model.decode(audio_codes=first).audio_values[0]
+        expected1 = model.decode(audio_codes=second).audio_values[0]
+    assert (audio[0] - expected0).abs().max().item() <= ATOL
+    new = audio[1, 6 * hop :]  # released before the reset + the lead-in zeros = 6 frames of samples
+    assert new.shape == expected1.shape and (new - expected1).abs().max().item() <= ATOL
+
+    long = torch.from_numpy(synth_audio(40 * hop + 21, sr, seed=18))
+    newer = torch.from_numpy(synth_audio(34 * hop + 21, sr, seed=19))
+    enc = model.streaming_encoder(batch_size=2)
+    audio = torch.stack([long, torch.cat([long[: 6 * hop], newer])])[:, None]
+    outs = [enc.push(audio[..., : 6 * hop])]
+    dropped = enc.reset([1])
+    settled = False
+    for start in range(6 * hop, audio.shape[-1], 4 * hop):
+        outs.append(enc.push(audio[..., start : start + 4 * hop]))
+        settled |= enc._layers.starts is None
+    outs.append(enc.flush())
+    codes = torch.cat(outs, dim=-1)
+    with torch.inference_mode():
+        assert torch.equal(codes[0], model.encode(long[None, None]).audio_codes[0])
+        assert torch.equal(codes[1, :, 6:], model.encode(newer[None, None]).audio_codes[0])
+    assert settled and torch.all(codes[1, :, 6 - dropped : 6] == -1)
+
+
 def test_streaming_decoder_matches_transformers():
     hf, ours = model_pair("16khz", seed=7)
     codes = random_codes(ours, 2, 12, seed=4)
