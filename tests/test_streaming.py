@@ -185,7 +185,8 @@ def test_streams_settle_after_a_restart():
         expected0 = model.decode(audio_codes=first).audio_values[0]
         expected1 = model.decode(audio_codes=second).audio_values[0]
     assert (audio[0] - expected0).abs().max().item() <= ATOL
-    new = audio[1, 6 * hop :]  # released before the reset + the lead-in zeros = 6 frames of samples
+    assert torch.all(audio[1, 6 * hop - lead_in : 6 * hop] == 0)  # the lead-in before the new request's audio
+    new = audio[1, 6 * hop :]
     assert new.shape == expected1.shape and (new - expected1).abs().max().item() <= ATOL
 
     long = torch.from_numpy(synth_audio(40 * hop + 21, sr, seed=18))
