@@ -8,7 +8,6 @@ in the environment to time the opt-in polynomial sine.
 """
 
 import argparse
-import ctypes
 import json
 import os
 import sys
@@ -19,14 +18,13 @@ parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned"
 parser.add_argument("--seconds", type=float, default=5.0)
 parser.add_argument("--json", default=None)
 args = parser.parse_args()
-if args.allocator == "tuned":  # before torch allocates anything
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-4, 0)
-    libc.mallopt(-1, 2**31 - 1)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dac_fast.runtime import allocator_setting  # noqa: E402  (imports no torch)
+
+ALLOCATOR = allocator_setting(args.allocator)  # before torch allocates anything
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dac_fast import ops  # noqa: E402
 from tests.reference import model_pair  # noqa: E402
 
@@ -63,11 +61,11 @@ with torch.inference_mode():
                      best_of(lambda: ours.decode(z, tile_frames=10**9))))
 
 sine = os.environ.get("DAC_FAST_SNAKE_SIN", "exact")
-print(f"# 44khz, batch 1, {args.seconds:g} s, {torch.get_num_threads()} threads, allocator {args.allocator}, "
+print(f"# 44khz, batch 1, {args.seconds:g} s, {torch.get_num_threads()} threads, {ALLOCATOR}, "
       f"snake sine {sine}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 print("| setting | encode s | decode s |\n|---|---:|---:|")
 for name, enc, dec in rows:
     print(f"| {name} | {enc:.3f} | {dec:.3f} |")
 if args.json:
     with open(args.json, "w") as f:
-        json.dump({"allocator": args.allocator, "sine": sine, "rows": rows}, f, indent=2)
+        json.dump({"allocator": ALLOCATOR, "sine": sine, "rows": rows}, f, indent=2)
