@@ -74,17 +74,20 @@ def latency_stats(times: list, total: float, offline: float, duration: float) ->
             "x_offline": total / offline}
 
 
-def run_stream(model, codes, push: int):
-    dec = model.streaming_decoder()
+def run_pushes(stream, inputs, push: int):
+    """Push ``inputs`` into a streaming decoder or encoder ``push`` elements at a time, then flush: (output, the
+    time of each call)."""
     outs, times = [], []
-    for start in range(0, codes.shape[-1], push):
+    calls = [lambda s=start: stream.push(inputs[..., s : s + push]) for start in range(0, inputs.shape[-1], push)]
+    for call in calls + [stream.flush]:
         t = time.perf_counter()
-        outs.append(dec.push(codes[..., start : start + push]))
+        outs.append(call())
         times.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    outs.append(dec.flush())
-    times.append(time.perf_counter() - t)
     return torch.cat(outs, -1), times
+
+
+def run_stream(model, codes, push: int):
+    return run_pushes(model.streaming_decoder(), codes, push)
 
 
 def run_growing(model, codes, step: int):
@@ -119,16 +122,7 @@ def run_sliding(model, codes, new: int = 7, left: int = 7, right: int = 14):
 
 
 def run_encoder(model, audio, push: int):
-    enc = model.streaming_encoder()
-    outs, times = [], []
-    for start in range(0, audio.shape[-1], push):
-        t = time.perf_counter()
-        outs.append(enc.push(audio[..., start : start + push]))
-        times.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    outs.append(enc.flush())
-    times.append(time.perf_counter() - t)
-    return torch.cat(outs, -1), times
+    return run_pushes(model.streaming_encoder(), audio, push)
 
 
 def best_of_two(call):

@@ -46,19 +46,20 @@ def tensors_key(tensors):
     return tuple((t._version, t.data_ptr()) for t in tensors) + (tensors[0].dtype, tensors[0].device)
 
 
-def derived_from(owner: nn.Module, name: str, tensors, build, store: dict | None = None):
+def derived_from(owner: nn.Module, name: str, tensors, build, store: dict | None = None, untracked=None):
     """``build()``, a value computed from ``tensors`` (e.g. stacked or normalized weights), cached under ``name``
     in ``owner``'s ``_derived`` dict until one of them changes: an in-place update (load_state_dict, ``w.mul_()`` under
     no_grad) bumps its version, ``.to()``/``.half()`` give it new storage. The entry keeps the tensors it was
     built from alive, so their addresses cannot be reused by other weights while it exists (a model copied or
     unpickled carries entries naming storages that are not its own: they never match). Entries hold ordinary
     tensors only (built outside inference mode, without autograd), so the model still deep-copies and pickles;
-    values that cannot be copied go to a ``store`` beside the module instead. Not cached (built at every call)
-    where ``tensors_key`` is None. Updates through ``.data`` bump no version and are not seen: call
-    ``DacModel.clear_weight_caches()`` after them."""
+    values that cannot be copied go to a ``store`` beside the module instead. Not cached where ``tensors_key``
+    is None: then ``untracked()`` if given (for values too costly to build at every call), else ``build()``.
+    Updates through ``.data`` bump no version and are not seen: call ``DacModel.clear_weight_caches()`` after
+    them."""
     key = tensors_key(tensors)
     if key is None:
-        return build()
+        return build() if untracked is None else untracked()
     store = owner.__dict__.setdefault("_derived", {}) if store is None else store
     entry = store.get(name)
     if entry is not None and entry[0] == key and all(a.data_ptr() == b.data_ptr() for a, b in zip(entry[1], tensors)):
@@ -222,8 +223,8 @@ def _conv1d(hidden_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return F.conv1d(hidden_state, weight, bias, stride, padding, dilation, groups)
 
 
-# weights of at least 1 Mi elements (768 channels and up) are worth packing: below it oneDNN's per-call re-pack costs less than the
-# convolution itself, and a packed layout chosen for one window width can run slower at another
+# weights of at least 1 Mi elements (768 channels and up) are worth packing: below it oneDNN's per-call re-pack
+# costs less than the convolution itself, and a packed layout chosen for one window width can run slower at another
 _PACK_MIN_NUMEL = 1024 * 1024
 # owner module -> its packed weights (``derived_from`` entries); beside the modules, not on them: oneDNN tensors
 # cannot be deep-copied or pickled, and a copied model builds its own
@@ -242,16 +243,17 @@ def packed_conv1d(owner: nn.Module, hidden_state: torch.Tensor, weight: torch.Te
     ``mkldnn_convolution``, whose bits do not depend on the window (identical codes rely on that). Not packed
     where the weight is rebuilt at every call (weight norm, inference tensors): packing would cost more.
     """
-    if (weight.numel() < _PACK_MIN_NUMEL or not _onednn_applies(hidden_state) or _weight_normed(owner)
-            or tensors_key([weight]) is None):
-        return _conv1d(hidden_state, weight, bias, padding, stride, dilation, groups)
-
     def pack():
         layout_hint = [1, hidden_state.shape[1], 1, 64]
         return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().unsqueeze(2).to_mkldnn(), [0, padding],
                                                          [1, stride], [1, dilation], groups, layout_hint)
 
-    packed = derived_from(owner, f"packed_{padding}", [weight], pack, store=_PACKED_WEIGHTS.setdefault(owner, {}))
+    packed = None
+    if weight.numel() >= _PACK_MIN_NUMEL and _onednn_applies(hidden_state) and not _weight_normed(owner):
+        packed = derived_from(owner, f"packed_{padding}", [weight], pack, store=_PACKED_WEIGHTS.setdefault(owner, {}),
+                              untracked=lambda: None)
+    if packed is None:
+        return _conv1d(hidden_state, weight, bias, padding, stride, dilation, groups)
     return torch.ops.mkldnn._convolution_pointwise(hidden_state.contiguous().unsqueeze(2), packed, bias,
                                                    [0, padding], [1, stride], [1, dilation], groups, "none", [],
                                                    None).squeeze(2)
@@ -779,7 +781,8 @@ def _check_audio(input_values: torch.Tensor, checks: DeviceChecks) -> torch.Tens
 # The most graphs kept per model. Each graph holds a private memory pool of about one tile's activations
 # (a few GB for the 44khz decoder at its default CUDA tile), so only the most recently used few are kept.
 CUDA_GRAPH_CACHE_SIZE = 4
-# model -> _GraphCache; beside the model, not on it: CUDA graphs cannot be deep-copied or pickled
+# model -> its ``derived_from`` entry holding a _GraphCache; beside the model, not on it: CUDA graphs cannot be
+# deep-copied or pickled
 _CUDA_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -811,13 +814,10 @@ class _CapturedCall:
 
 
 class _GraphCache:
-    """A model's captured calls, least recently used first, for one version of its weights. The weights they
-    were captured with are kept alive (``sources``) so no other weights can take their addresses; after
-    ``.to()`` the old weights and graphs are freed at the next ``cuda_graphs=True`` call (or with the model)."""
+    """A model's captured calls, least recently used first, for one version of its weights (a ``derived_from``
+    entry: any weight change builds a new one; ``.to()`` and ``clear_weight_caches`` drop it)."""
 
-    def __init__(self, weights_key, sources):
-        self.weights_key = weights_key
-        self.sources = sources
+    def __init__(self):
         self.calls: collections.OrderedDict = collections.OrderedDict()
 
     def call(self, key, fn, args) -> torch.Tensor:
@@ -947,13 +947,11 @@ class DacModel(nn.Module):
         if torch.compiler.is_compiling():
             raise ValueError("cuda_graphs=True cannot run under torch.compile (its mode='reduce-overhead' "
                              "captures CUDA graphs itself)")
-        params = list(self.parameters())
-        weights_key = tensors_key(params)
-        if weights_key is None:  # inference-tensor weights: versions not tracked, nothing can be kept
+        # inference-tensor weights: versions not tracked, nothing can be kept (eager tiles)
+        cache = derived_from(self, "graphs", list(self.parameters()), _GraphCache,
+                             store=_CUDA_GRAPHS.setdefault(self, {}), untracked=lambda: None)
+        if cache is None:
             return lambda fn: fn
-        cache = _CUDA_GRAPHS.get(self)
-        if cache is None or cache.weights_key != weights_key:
-            cache = _CUDA_GRAPHS[self] = _GraphCache(weights_key, [p.detach() for p in params])
         settings = (self.backend or ops.current_backend(), torch.backends.cuda.matmul.allow_tf32,
                     torch.backends.cudnn.allow_tf32)
 

@@ -66,8 +66,8 @@ def gpu_model():
 
 
 def _graph_count(model):
-    cache = _CUDA_GRAPHS.get(model)
-    return 0 if cache is None else len(cache.calls)
+    entry = _CUDA_GRAPHS.get(model, {}).get("graphs")  # a derived_from entry: (key, sources, _GraphCache)
+    return 0 if entry is None else len(entry[2].calls)
 
 
 def _assert_equal(actual, expected, what):
