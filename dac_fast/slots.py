@@ -129,26 +129,28 @@ class SlotDecoder(_Slots):
         super().__init__(model, slots, model.decoder, one._layer_rates(), packed=True)
         self.lookahead_samples, self.lookahead_frames = one.lookahead_samples, one.lookahead_frames
 
+    def check_input(self, slot: int, codes) -> torch.Tensor:
+        """One slot's codes (n, f) validated against the model and the slot's earlier pushes -> (1, n, f) on the
+        model's device. Raises TypeError/ValueError naming the slot."""
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
+            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise ValueError(f"slot {slot}: codes must be a tensor of shape (n_codebooks, frames), got {shape}")
+        try:
+            self.model._check_codes(codes[None])
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"slot {slot}: {exc}") from None
+        known = self._states[slot].n_codebooks
+        if known is not None and codes.shape[0] != known:
+            raise ValueError(f"slot {slot}: codes have {codes.shape[0]} codebooks; its earlier pushes had {known}")
+        return codes[None].to(self.model.device)
+
     def push(self, audio_codes, active=None) -> list:
         """``audio_codes``: a tensor (slots, n, f) or a sequence of ``slots`` per-slot tensors (n, f_i) or None.
         ``active``: a bool mask (slots,) or indices of the slots to advance (default: every slot given codes).
         Returns a list with, per slot, the samples (k,) now final (k >= 0), or None for slots not advanced."""
         rows = self._rows(audio_codes, "audio_codes", 2)
         chosen = self._active(active, rows)
-        work = {}
-        for slot in chosen:
-            codes, state = rows[slot], self._states[slot]
-            if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
-                shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
-                raise ValueError(f"slot {slot}: codes must be a tensor of shape (n_codebooks, frames), got {shape}")
-            try:
-                self.model._check_codes(codes[None])
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"slot {slot}: {exc}") from None
-            if state.n_codebooks is not None and codes.shape[0] != state.n_codebooks:
-                raise ValueError(f"slot {slot}: codes have {codes.shape[0]} codebooks; its earlier pushes had "
-                                 f"{state.n_codebooks}")
-            work[slot] = (state, codes[None].to(self.model.device))
+        work = {slot: (self._states[slot], self.check_input(slot, rows[slot])) for slot in chosen}
 
         def step(codes, layers):
             return self.model.decoder.inference(self.model.quantizer.from_codes(codes)[0], layers)
@@ -197,6 +199,20 @@ class SlotEncoder(_Slots):
             return torch.zeros(audio.shape[0], self.n_quantizers, 0, dtype=torch.long, device=audio.device)
         return self.model.quantizer.encode_frames(latent, self.n_quantizers)[0]
 
+    def check_input(self, slot: int, audio) -> torch.Tensor:
+        """One slot's samples (s,) validated -> (1, 1, s) in the model's dtype and device. Raises
+        TypeError/ValueError naming the slot."""
+        if not isinstance(audio, torch.Tensor) or audio.dim() != 1:
+            shape = tuple(audio.shape) if isinstance(audio, torch.Tensor) else type(audio).__name__
+            raise ValueError(f"slot {slot}: audio must be a tensor of shape (samples,), got {shape}")
+        if not audio.is_floating_point():
+            raise TypeError(f"slot {slot}: audio must be floating point in [-1, 1], got dtype {audio.dtype}")
+        if audio.numel() == 0:
+            raise ValueError(f"slot {slot}: audio is empty: push at least one sample")
+        if not torch.isfinite(audio).all():
+            raise ValueError(f"slot {slot}: audio contains NaN or Inf samples")
+        return audio.to(device=self.model.device, dtype=self.model.dtype).view(1, 1, -1)
+
     def push(self, audio, active=None) -> list:
         """``audio``: a tensor (slots, 1, s) or a sequence of ``slots`` per-slot tensors (s_i,) or None, floating
         point in [-1, 1]. ``active`` as in ``SlotDecoder.push``. Returns per slot the codes (n_quantizers, f) of
@@ -207,19 +223,7 @@ class SlotEncoder(_Slots):
             audio = audio[:, 0]
         rows = self._rows(audio, "audio", 1)
         chosen = self._active(active, rows)
-        work = {}
-        for slot in chosen:
-            x = rows[slot]
-            if not isinstance(x, torch.Tensor) or x.dim() != 1:
-                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(f"slot {slot}: audio must be a tensor of shape (samples,), got {shape}")
-            if not x.is_floating_point():
-                raise TypeError(f"slot {slot}: audio must be floating point in [-1, 1], got dtype {x.dtype}")
-            if x.numel() == 0:
-                raise ValueError(f"slot {slot}: audio is empty: push at least one sample")
-            if not torch.isfinite(x).all():
-                raise ValueError(f"slot {slot}: audio contains NaN or Inf samples")
-            work[slot] = (self._states[slot], x.to(device=self.model.device, dtype=self.model.dtype).view(1, 1, -1))
+        work = {slot: (self._states[slot], self.check_input(slot, rows[slot])) for slot in chosen}
         with torch.inference_mode(), self.model._backend_scope():
             results = self._run(work, self._step)
         return self._finish(results, {s: x.shape[-1] for s, (_, x) in work.items()})
