@@ -35,6 +35,10 @@ def add_serve_parser(sub) -> None:
                    help="largest WebSocket message (default: 1 MiB)")
     p.add_argument("--max-stream-seconds", type=float, default=3600.0, metavar="S",
                    help="longest stream, in seconds of audio (default: 3600)")
+    p.add_argument("--outbox", type=int, default=32, metavar="N",
+                   help="replies waiting for a slow client before it is dropped with 1008 (default: 32)")
+    p.add_argument("--send-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a reply may wait for a client that does not read (default: 10)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
 
 
@@ -50,9 +54,11 @@ def run_serve(args: argparse.Namespace) -> int:
     for name in ("slots", "encode_slots"):
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.queue < 0 or args.max_message_bytes < 1 or args.max_stream_seconds <= 0 or not 0 <= args.port < 65536:
-        return _fail("--queue must be >= 0, --max-message-bytes and --max-stream-seconds positive, "
-                     "--port in [0, 65535]")
+    if (args.queue < 0 or min(args.max_message_bytes, args.outbox) < 1 or min(args.max_stream_seconds,
+                                                                             args.send_timeout) <= 0
+            or not 0 <= args.port < 65536):
+        return _fail("--queue must be >= 0, --max-message-bytes, --outbox, --max-stream-seconds and "
+                     "--send-timeout positive, --port in [0, 65535]")
     from ..batch import PRESET_NAMES, UserError, load_model
     from ..io import require
 
@@ -72,7 +78,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return _fail(exc.for_cli())
     scheduler = Scheduler(model, decode_slots=args.slots, encode_slots=args.encode_slots, waiting=args.queue)
     app = create_app(scheduler, token=args.token, max_message_bytes=args.max_message_bytes,
-                     max_stream_seconds=args.max_stream_seconds)
+                     max_stream_seconds=args.max_stream_seconds, outbox=args.outbox,
+                     send_timeout=args.send_timeout)
 
     class DrainingServer(uvicorn.Server):
         """SIGTERM/SIGINT: stop accepting, let every stream finish its push in flight and close it with 1001,

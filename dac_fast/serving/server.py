@@ -35,6 +35,7 @@ from .scheduler import Busy, Scheduler, StreamClosed
 
 CODE_DTYPES = {"uint16": "<u2", "int16": "<i2", "int32": "<i4", "int64": "<i8"}
 PCM_DTYPES = {"float32": "<f4", "int16": "<i2"}
+DRAIN_GRACE_S = 0.5  # on shutdown, how long a stream's next message may take to arrive before it is closed
 
 
 class ProtocolError(Exception):
@@ -133,12 +134,15 @@ class _Session:
             raise ProtocolError(1008, f"the client stopped reading: {self.state.outbox} replies are waiting") from None
 
     async def receive(self):
-        """The next message, or None once the server drains (after the push in flight, never during it)."""
+        """The next message, or None once the server drains: a push already sent when the drain began (read
+        within ``DRAIN_GRACE_S``) is still served, never cut off midway."""
         receive = asyncio.ensure_future(self.ws.receive())
         stop = asyncio.ensure_future(self.stop.wait())
-        done, _ = await asyncio.wait({receive, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if receive in done:
-            stop.cancel()
+        await asyncio.wait({receive, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not receive.done():
+            await asyncio.wait({receive}, timeout=DRAIN_GRACE_S)
+        if receive.done():
             return receive.result()
         receive.cancel()
         return None
@@ -219,8 +223,8 @@ async def _websocket_stream(websocket, kind: str) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(sender, state.send_timeout)
         sender.cancel()
-        with contextlib.suppress(Exception):
-            await websocket.close(code=code, reason=_reason(reason))
+        with contextlib.suppress(Exception):  # a client that stops reading never takes the close frame either
+            await asyncio.wait_for(websocket.close(code=code, reason=_reason(reason)), state.send_timeout)
 
 
 class _State:
