@@ -285,3 +285,15 @@ def test_sigterm_finishes_the_push_in_flight_and_closes_with_1001(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--host", "0.0.0.0"], "--token TOKEN"),
+    (["--slots", "0"], "--slots must be at least 1"),
+    ([], "add --random-weights"),
+], ids=["public-host-without-token", "no-slots", "preset-without-random-weights"])
+def test_serve_refuses_unsafe_or_bad_arguments_before_loading(argv, message, capsys):
+    from dac_fast.cli import main
+
+    assert main(["serve", "--model", "16khz", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -39,6 +39,8 @@ def add_serve_parser(sub) -> None:
                    help="replies waiting for a slow client before it is dropped with 1008 (default: 32)")
     p.add_argument("--send-timeout", type=float, default=10.0, metavar="S",
                    help="seconds a reply may wait for a client that does not read (default: 10)")
+    p.add_argument("--no-slot-batching", dest="slot_batching", action="store_false",
+                   help="run each stream's push as its own model call (a baseline for benchmarks)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
 
 
@@ -76,7 +78,8 @@ def run_serve(args: argparse.Namespace) -> int:
         model = load_model(args.model, args.device, seed=args.seed, quiet=True)
     except UserError as exc:
         return _fail(exc.for_cli())
-    scheduler = Scheduler(model, decode_slots=args.slots, encode_slots=args.encode_slots, waiting=args.queue)
+    scheduler = Scheduler(model, decode_slots=args.slots, encode_slots=args.encode_slots, waiting=args.queue,
+                          batch_streams=args.slot_batching)
     app = create_app(scheduler, token=args.token, max_message_bytes=args.max_message_bytes,
                      max_stream_seconds=args.max_stream_seconds, outbox=args.outbox,
                      send_timeout=args.send_timeout)

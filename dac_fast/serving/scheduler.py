@@ -120,7 +120,7 @@ class Scheduler:
 
     def __init__(self, model: DacModel, decode_slots: int = 8, encode_slots: int = 4, waiting: int = 8,
                  max_pending: int = 16, offline_batch: int = 8, offline_queue: int = 32,
-                 n_quantizers: int | None = None):
+                 n_quantizers: int | None = None, batch_streams: bool = True):
         for name, value in (("decode_slots", decode_slots), ("encode_slots", encode_slots), ("waiting", waiting),
                             ("max_pending", max_pending), ("offline_batch", offline_batch),
                             ("offline_queue", offline_queue)):
@@ -128,6 +128,7 @@ class Scheduler:
                 raise ValueError(f"{name} must be a {'positive' if 'slots' in name else 'non-negative'} integer, "
                                  f"got {value!r}")
         self.model = model.eval()
+        self.batch_streams = batch_streams  # False: each stream's push is its own model call (a baseline)
         self.lanes = {"decode": _Lane(self, "decode", SlotDecoder(model, decode_slots)),
                       "encode": _Lane(self, "encode", SlotEncoder(model, encode_slots, n_quantizers))}
         self.waiting_limit, self.max_pending = waiting, max_pending
@@ -301,7 +302,9 @@ class Scheduler:
         with self._lock:
             for stream in dropped:
                 self._fail(lane, stream, "the stream was closed")
-        for batch, call in ((pushes, self._push), (finishes, self._finish)):
+        calls = [(batch, self._push) for batch in self._batches(pushes)]
+        calls += [(batch, self._finish) for batch in self._batches(finishes)]
+        for batch, call in calls:
             if not batch:
                 continue
             try:
@@ -324,6 +327,9 @@ class Scheduler:
                     if request.op == "finish":
                         stream.closed = True
                         lane.release(stream)
+
+    def _batches(self, requests: list) -> list:
+        return [requests] if self.batch_streams else [[request] for request in requests]
 
     @staticmethod
     def _push(lane: _Lane, batch: list) -> list:
