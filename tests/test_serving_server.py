@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,7 +53,7 @@ def server():
     while not uv.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert uv.started, "the server did not start"
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, scheduler=scheduler, model=model)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, scheduler=scheduler, model=model, app=app)
     uv.should_exit = True
     thread.join(30)
 
@@ -285,6 +286,43 @@ def test_sigterm_finishes_the_push_in_flight_and_closes_with_1001(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_token_and_busy_whole_file_requests(server, tmp_path):
+    from dac_fast.dacfile import DacFile
+
+    state = server.app.state.dac
+    codes = codes_for(10, 11)
+    dac = DacFile(codes=codes[None].astype(np.uint16), input_db=np.array([-20.0], np.float32),
+                  original_length=11 * 320, sample_rate=16000, chunk_length=11, channels=1, padding=True)
+    body = dac.save(tmp_path / "a.dac").read_bytes()
+
+    async def main():
+        state.token = "s3cret"
+        try:
+            with pytest.raises(ServerClosed) as no_token:
+                await Client(server.url).decode_stream()
+            with pytest.raises(RuntimeError, match="HTTP 401"):
+                await Client(server.url).decode_file(b"x")
+            session = await Client(server.url, token="s3cret").decode_stream()
+            audio = await session.push(codes)
+            await session.close()
+        finally:
+            state.token = None
+        server.scheduler.offline_queue = 0  # every whole-file request now finds the queue full
+        try:
+            request = urllib.request.Request(server.url + "/v1/decode", data=body, method="POST")
+            with pytest.raises(urllib.error.HTTPError) as busy:
+                await asyncio.to_thread(urllib.request.urlopen, request, timeout=20)
+        finally:
+            server.scheduler.offline_queue = 32
+        return no_token.value, audio, busy.value
+
+    no_token, audio, busy = asyncio.run(main())
+    assert no_token.code == 1008 and "bearer token" in no_token.reason
+    assert audio.shape == (11 * 320 - 3141,)
+    assert busy.code == 503 and busy.headers["Retry-After"] and "busy" in busy.read().decode()
+    wait_for_active(server, 0)
 
 
 @pytest.mark.parametrize("argv,message", [

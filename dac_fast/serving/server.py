@@ -156,13 +156,13 @@ def _check_token(state, headers) -> bool:
 
 async def _websocket_stream(websocket, kind: str) -> None:
     state = websocket.app.state.dac
+    await websocket.accept()  # refusals below are close codes with a reason, not a bare HTTP 403
     if not _check_token(state, websocket.headers):
         await websocket.close(code=1008, reason="a bearer token is required (Authorization: Bearer ...)")
         return
     if state.draining:
         await websocket.close(code=1001, reason="the server is shutting down")
         return
-    await websocket.accept()
     session = _Session(state, websocket, kind)
     sender = asyncio.ensure_future(session.send_loop())
     stream = None
