@@ -23,14 +23,17 @@ def model_for(preset: str) -> DacModel:
     return _models[preset]
 
 
-def run_schedule(slotted, rng, ticks: int, new_input, piece):
-    """Drive ``slotted`` through ``ticks`` random ticks: each free slot may start a stream (``new_input()`` ->
-    its whole input), each busy slot may push its next ``piece(rng)`` elements, end (flush), or sit out.
-    Returns [(input, output pieces)] of every finished stream, and how many ticks ran several streams at once."""
+def run_schedule(slotted, rng, new_input, piece, enough=(3, 3), max_ticks: int = 40):
+    """Drive ``slotted`` through random ticks: each free slot may start a stream (``new_input()`` -> its whole
+    input), each busy slot may push its next ``piece(rng)`` elements, end (flush), or sit out; until ``enough``
+    = (streams finished, ticks that pushed several streams at once) or ``max_ticks``. Returns [(input, output
+    pieces)] of every finished stream, and how many ticks pushed several streams at once."""
     slots = slotted.slots
     streams = [None] * slots  # slot -> [input, consumed, outputs]
     done, shared_ticks = [], 0
-    for _ in range(ticks):
+    for _ in range(max_ticks):
+        if len(done) >= enough[0] and shared_ticks >= enough[1]:
+            break
         for slot in range(slots):
             if streams[slot] is None and rng.random() < 0.5:
                 streams[slot] = [new_input(), 0, []]
@@ -77,10 +80,10 @@ def test_slot_decoder_random_schedule_is_exact(preset, seed):
 
     def new_codes():
         n = int(rng.integers(1, n_codebooks + 1)) if rng.random() < 0.3 else n_codebooks
-        return torch.randint(0, model.config.codebook_size, (n, int(rng.integers(3, 11))), generator=gen)
+        return torch.randint(0, model.config.codebook_size, (n, int(rng.integers(3, 8))), generator=gen)
 
     dec = SlotDecoder(model, slots=3)
-    done, shared = run_schedule(dec, rng, 14, new_codes, lambda r: int(r.choice([1, 2, 4])))
+    done, shared = run_schedule(dec, rng, new_codes, lambda r: int(r.choice([1, 2, 4])))
     assert len(done) >= 3 and shared >= 3, "the schedule must finish streams and batch several per tick"
     for codes, outs in done:
         with torch.inference_mode():
@@ -98,12 +101,12 @@ def test_slot_encoder_random_schedule_codes_identical(preset, seed):
     sr, hop = model.config.sampling_rate, model.config.hop_length
 
     def new_audio():
-        return torch.from_numpy(synth_audio(int(rng.integers(1, 6 * hop)), sr, seed=int(rng.integers(1 << 30))))
+        return torch.from_numpy(synth_audio(int(rng.integers(1, 5 * hop)), sr, seed=int(rng.integers(1 << 30))))
 
     enc = SlotEncoder(model, slots=3)
     piece = lambda r: int(r.choice([hop, 2 * hop, int(r.integers(1, 2 * hop))]))  # noqa: E731
-    done, shared = run_schedule(enc, rng, 12, new_audio, piece)
-    assert len(done) >= 3 and shared >= 2
+    done, shared = run_schedule(enc, rng, new_audio, piece)
+    assert len(done) >= 3 and shared >= 3
     for audio, outs in done:
         with torch.inference_mode():
             expected = model.encode(audio[None, None]).audio_codes[0]
