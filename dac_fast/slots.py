@@ -108,8 +108,9 @@ class _Slots:
             layers.final = final
             out = step(torch.cat([work[s][1] for s in slots]), layers)
             for row, (slot, state) in enumerate(zip(slots, states)):
-                new = _SlotState({n: t[row : row + 1] for n, t in layers.context.items()}, dict(layers.to_crop),
-                                 state.pushed, state.emitted, state.n_codebooks)
+                # copies: a recorded step's context lives in static buffers its next replay overwrites
+                context = {n: t[row : row + 1].clone() for n, t in layers.context.items()}
+                new = _SlotState(context, dict(layers.to_crop), state.pushed, state.emitted, state.n_codebooks)
                 results[slot] = (new, out[row])
         return results
 
@@ -124,10 +125,15 @@ class SlotDecoder(_Slots):
     Each slot's concatenated output (pushes then ``flush``) equals ``model.decode(audio_codes=its codes)``
     within fp32 rounding (<= 1e-5), whatever the interleaving of pushes, flushes and slot reuse."""
 
-    def __init__(self, model: DacModel, slots: int):
-        one = StreamingDecoder(model, 1)
+    def __init__(self, model: DacModel, slots: int, cuda_graphs: bool = False):
+        one = StreamingDecoder(model, 1, cuda_graphs)  # its argument checks, layer rates and lookahead
         super().__init__(model, slots, model.decoder, one._layer_rates(), packed=True)
         self.lookahead_samples, self.lookahead_frames = one.lookahead_samples, one.lookahead_frames
+        # cuda_graphs: a steady group step replays a graph recorded for its key (group size, push size, context
+        # shapes): one graph per slot count in use, as streaming._StepGraphs does for a lockstep decoder
+        self._graphs = one._graphs
+        if self._graphs is not None:
+            self._graphs.size = 2 * self.slots
 
     def check_input(self, slot: int, codes) -> torch.Tensor:
         """One slot's codes (n, f) validated against the model and the slot's earlier pushes -> (1, n, f) on the
@@ -153,7 +159,10 @@ class SlotDecoder(_Slots):
         work = {slot: (self._states[slot], self.check_input(slot, rows[slot])) for slot in chosen}
 
         def step(codes, layers):
-            return self.model.decoder.inference(self.model.quantizer.from_codes(codes)[0], layers)
+            latent = self.model.quantizer.from_codes(codes)[0]
+            if self._graphs is None:
+                return self.model.decoder.inference(latent, layers)
+            return self._graphs.step(self.model.decoder, latent, layers)
 
         with torch.inference_mode(), self.model._backend_scope():
             results = self._run(work, step)

@@ -144,3 +144,59 @@ def test_inactive_slots_do_not_move_and_bad_input_changes_nothing():
     audio1 = torch.cat([o for s, o in outs[1:] if s == 1])
     assert (audio0 - expected[0]).abs().max().item() <= ATOL
     assert (audio1 - expected[1]).abs().max().item() <= ATOL
+
+
+def staggered_pushes(dec, codes: torch.Tensor) -> list:
+    """Slots joining at ticks 0, 2, 3, slot 1 sitting out ticks 5-6, 4-frame pushes, every slot flushed at the end:
+    the steady group sizes change (1, 2, 3, 2, 3 streams). Returns every push's per-slot outputs and the frames
+    each slot pushed."""
+    joins, pushed, outs = (0, 2, 3), [0, 0, 0], []
+    for tick in range(12):
+        inputs = [None] * 3
+        for slot, join in enumerate(joins):
+            if tick >= join and not (slot == 1 and tick in (5, 6)) and pushed[slot] < codes.shape[-1]:
+                inputs[slot] = codes[slot, :, pushed[slot] : pushed[slot] + 4]
+                pushed[slot] += 4
+        outs.append(dec.push(inputs))
+    outs.append(dec.flush([0, 1, 2]))
+    return outs, pushed
+
+
+def test_recorded_group_steps_replay_exactly():
+    """``cuda_graphs``' bookkeeping on the CPU with a recorder that replays eagerly: one recorded step per group
+    size in steady state, and every output equals the eager slot decoder's exactly."""
+    from dac_fast.streaming import _StepGraphs
+
+    model = model_for("16khz")
+    codes = torch.randint(0, 1024, (3, 12, 40), generator=torch.Generator().manual_seed(9))
+    expected, _ = staggered_pushes(SlotDecoder(model, slots=3), codes)
+    dec = SlotDecoder(model, slots=3)
+    recorded = []
+    dec._graphs = _StepGraphs(lambda run: recorded.append(run) or run, size=6)
+    outs, pushed = staggered_pushes(dec, codes)
+    assert 2 <= len(recorded) <= 3, "one recorded step per steady group size"
+    for tick, (out, ref) in enumerate(zip(outs, expected)):
+        for slot in range(3):
+            assert (out[slot] is None) == (ref[slot] is None)
+            if out[slot] is not None:
+                assert torch.equal(out[slot], ref[slot]), f"tick {tick} slot {slot}"
+    for slot in range(3):
+        audio = torch.cat([o[slot] for o in outs if o[slot] is not None])
+        with torch.inference_mode():
+            alone = model.decode(audio_codes=codes[slot : slot + 1, :, : pushed[slot]]).audio_values[0]
+        assert audio.shape == alone.shape and (audio - alone).abs().max().item() <= ATOL
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_slot_steps_equal_eager():
+    model = DacModel.from_preset("16khz", seed=3).cuda()
+    codes = torch.randint(0, 1024, (3, 12, 40), generator=torch.Generator().manual_seed(9)).cuda()
+    expected, _ = staggered_pushes(SlotDecoder(model, slots=3), codes)
+    dec = SlotDecoder(model, slots=3, cuda_graphs=True)
+    outs, _ = staggered_pushes(dec, codes)
+    assert len(dec._graphs.steps) >= 2
+    for out, ref in zip(outs, expected):
+        for slot in range(3):
+            if ref[slot] is not None:
+                assert (out[slot] - ref[slot]).abs().max().item() <= ATOL

@@ -41,6 +41,8 @@ def add_serve_parser(sub) -> None:
                    help="seconds a reply may wait for a client that does not read (default: 10)")
     p.add_argument("--no-slot-batching", dest="slot_batching", action="store_false",
                    help="run each stream's push as its own model call (a baseline for benchmarks)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: steady decode ticks replay a graph recorded per slot count in use")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
 
 
@@ -79,7 +81,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except UserError as exc:
         return _fail(exc.for_cli())
     scheduler = Scheduler(model, decode_slots=args.slots, encode_slots=args.encode_slots, waiting=args.queue,
-                          batch_streams=args.slot_batching)
+                          batch_streams=args.slot_batching, cuda_graphs=args.cuda_graphs)
     app = create_app(scheduler, token=args.token, max_message_bytes=args.max_message_bytes,
                      max_stream_seconds=args.max_stream_seconds, outbox=args.outbox,
                      send_timeout=args.send_timeout)

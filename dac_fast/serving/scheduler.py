@@ -120,7 +120,7 @@ class Scheduler:
 
     def __init__(self, model: DacModel, decode_slots: int = 8, encode_slots: int = 4, waiting: int = 8,
                  max_pending: int = 16, offline_batch: int = 8, offline_queue: int = 32,
-                 n_quantizers: int | None = None, batch_streams: bool = True):
+                 n_quantizers: int | None = None, batch_streams: bool = True, cuda_graphs: bool = False):
         for name, value in (("decode_slots", decode_slots), ("encode_slots", encode_slots), ("waiting", waiting),
                             ("max_pending", max_pending), ("offline_batch", offline_batch),
                             ("offline_queue", offline_queue)):
@@ -129,7 +129,7 @@ class Scheduler:
                                  f"got {value!r}")
         self.model = model.eval()
         self.batch_streams = batch_streams  # False: each stream's push is its own model call (a baseline)
-        self.lanes = {"decode": _Lane(self, "decode", SlotDecoder(model, decode_slots)),
+        self.lanes = {"decode": _Lane(self, "decode", SlotDecoder(model, decode_slots, cuda_graphs)),
                       "encode": _Lane(self, "encode", SlotEncoder(model, encode_slots, n_quantizers))}
         self.waiting_limit, self.max_pending = waiting, max_pending
         self.offline_batch, self.offline_queue = offline_batch, offline_queue
