@@ -280,9 +280,8 @@ class Scheduler:
             for lane in self.lanes.values():
                 for stream in list(lane.streams.values()):
                     self._fail(lane, stream, "the server is shutting down")
-                for _, future in lane.waiting:
-                    future.get_loop().call_soon_threadsafe(
-                        lambda f=future: f.done() or f.set_exception(StreamClosed("the server is shutting down")))
+                for loop, future in lane.waiting:
+                    _Request("open", None, loop, future).resolve(error=StreamClosed("the server is shutting down"))
                 lane.waiting.clear()
 
     def _fail(self, lane: _Lane, stream: Stream, message: str) -> None:
