@@ -228,6 +228,8 @@ class Scheduler:
         """Queue a request (None: the stream was dropped) for the scheduler thread."""
         with self._lock:
             if request is not None:
+                if stream.closed:  # checked again under the lock: the thread may have just failed the stream
+                    raise StreamClosed(stream.error or "the stream is closed")
                 if not self._running:
                     raise StreamClosed("the scheduler is stopping")
                 if len(stream.pending) >= self.max_pending:

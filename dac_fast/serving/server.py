@@ -61,6 +61,7 @@ class _Session:
         self.outbox: asyncio.Queue = asyncio.Queue(app_state.outbox)
         self.stop = asyncio.Event()  # set when the server drains
         self.pushed = 0  # frames or samples
+        self.stream = None  # the scheduler's stream, once a slot is ours
 
     def parse_start(self, text: str) -> dict:
         try:
@@ -117,6 +118,47 @@ class _Session:
             return output.to(torch.float32).numpy().astype("<f4").tobytes()
         return output.T.contiguous().numpy().astype("<u2").tobytes()
 
+    async def converse(self) -> tuple[int, str]:
+        """The whole exchange after accept -> (close code, reason); ProtocolError for the client's mistakes."""
+        message = await self.receive()
+        if message is None or message["type"] == "websocket.disconnect":
+            return 1000, "done"
+        if message.get("text") is None:
+            raise ProtocolError(1007, "the first message must be a JSON text message {\"type\": \"start\", ...}")
+        ready = self.parse_start(message["text"])
+        scheduler = self.state.scheduler
+        try:
+            self.stream = await (scheduler.open_decode_stream() if self.kind == "decode"
+                                 else scheduler.open_encode_stream())
+        except Busy as exc:
+            raise ProtocolError(1013, f"busy: {exc}; retry later") from None
+        self.reply({**ready, "slot": self.stream.slot})
+        while True:
+            message = await self.receive()
+            if message is None:
+                return 1001, "the server is shutting down"
+            if message["type"] == "websocket.disconnect":
+                return 1000, "done"
+            if message.get("bytes") is None:
+                break
+            if len(message["bytes"]) > self.state.max_message:
+                raise ProtocolError(1009, f"a message may hold at most {self.state.max_message} bytes")
+            value = self.parse_push(message["bytes"])
+            try:
+                output = await self.stream.push(value)
+            except (TypeError, ValueError) as exc:
+                raise ProtocolError(1007, str(exc)) from None
+            self.reply(self.encode_reply(output))
+        try:
+            end = json.loads(message.get("text") or "")
+        except json.JSONDecodeError:
+            end = None
+        if not isinstance(end, dict) or end.get("type") != "end":
+            raise ProtocolError(1007, "text messages after start must be {\"type\": \"end\"}")
+        self.reply(self.encode_reply(await self.stream.finish()))
+        self.reply({"type": "done", "pushed": self.pushed})
+        return 1000, "done"
+
     async def send_loop(self) -> None:
         while True:
             item = await self.outbox.get()
@@ -165,49 +207,9 @@ async def _websocket_stream(websocket, kind: str) -> None:
         return
     session = _Session(state, websocket, kind)
     sender = asyncio.ensure_future(session.send_loop())
-    stream = None
-    code, reason = 1000, "done"
     state.sessions.add(session)
     try:
-        message = await session.receive()
-        if message is None or message["type"] == "websocket.disconnect":
-            return
-        if message.get("text") is None:
-            raise ProtocolError(1007, "the first message must be a JSON text message {\"type\": \"start\", ...}")
-        ready = session.parse_start(message["text"])
-        try:
-            stream = await (state.scheduler.open_decode_stream() if kind == "decode"
-                            else state.scheduler.open_encode_stream())
-        except Busy as exc:
-            raise ProtocolError(1013, f"busy: {exc}; retry later") from None
-        ready["slot"] = stream.slot
-        session.reply(ready)
-        while True:
-            message = await session.receive()
-            if message is None:
-                code, reason = 1001, "the server is shutting down"
-                return
-            if message["type"] == "websocket.disconnect":
-                return
-            if message.get("bytes") is not None:
-                if len(message["bytes"]) > state.max_message:
-                    raise ProtocolError(1009, f"a message may hold at most {state.max_message} bytes")
-                value = session.parse_push(message["bytes"])
-                try:
-                    output = await stream.push(value)
-                except (TypeError, ValueError) as exc:
-                    raise ProtocolError(1007, str(exc)) from None
-                session.reply(session.encode_reply(output))
-                continue
-            try:
-                end = json.loads(message.get("text") or "")
-            except json.JSONDecodeError:
-                end = None
-            if not isinstance(end, dict) or end.get("type") != "end":
-                raise ProtocolError(1007, "text messages after start must be {\"type\": \"end\"}")
-            session.reply(session.encode_reply(await stream.finish()))
-            session.reply({"type": "done", "pushed": session.pushed})
-            return
+        code, reason = await session.converse()
     except ProtocolError as exc:
         code, reason = exc.code, str(exc)
     except StreamClosed as exc:
@@ -216,15 +218,15 @@ async def _websocket_stream(websocket, kind: str) -> None:
         code, reason = 1011, f"internal error: {type(exc).__name__}: {exc}"
     finally:
         state.sessions.discard(session)
-        if stream is not None:
-            stream.close()
+        if session.stream is not None:
+            session.stream.close()
         with contextlib.suppress(asyncio.QueueFull):
             session.outbox.put_nowait(None)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(sender, state.send_timeout)
         sender.cancel()
-        with contextlib.suppress(Exception):  # a client that stops reading never takes the close frame either
-            await asyncio.wait_for(websocket.close(code=code, reason=_reason(reason)), state.send_timeout)
+    with contextlib.suppress(Exception):  # a client that stops reading never takes the close frame either
+        await asyncio.wait_for(websocket.close(code=code, reason=_reason(reason)), state.send_timeout)
 
 
 class _State:
