@@ -7,8 +7,8 @@ call per stream (the same server with ``--no-slot-batching``).
 For each mode a server process starts (seeded random weights, fp32, ``--slots`` = the largest stream count);
 for each push size and stream count N, N clients connect at once and push codes at real-time pace (a push of f
 frames every f / frame_rate seconds) for ``--seconds``. Per point: time to first audio (median over clients),
-per-push latency p50/p99 (send to reply), underruns (a reply arriving after the client's playback, started at
-its first audio, ran out of audio; counted per client, summed), the server's CPU seconds per stream per second
+per-push latency p50/p99 (send to reply), underruns (stalls of a player that starts once it holds one push
+of audio and resumes after each stall; summed over clients), the server's CPU seconds per stream per second
 of audio, and exactness (each client's audio against ``model.decode`` of its codes, max abs difference). The
 last column per mode and push size is the most streams held in real time: p99 < 300 ms and no underruns.
 Offline decode throughput (1 / RTF of one 10 s decode) is printed beside it as the ceiling.
@@ -43,6 +43,8 @@ parser.add_argument("--seconds", type=float, default=6.0, help="audio seconds ea
 parser.add_argument("--modes", nargs="+", choices=["slots", "per-stream"], default=["slots", "per-stream"])
 parser.add_argument("--port", type=int, default=8765)
 parser.add_argument("--out", default="benchmarks/results/serve_cpu")
+parser.add_argument("--grouping-only", action="store_true",
+                    help="only time how a tick handles different push sizes (in process, no server)")
 SEED = 0
 P99_LIMIT_S = 0.3
 
@@ -74,21 +76,24 @@ async def client_run(url: str, codes: np.ndarray, push: int, frame_rate: float, 
     session = await Client(url).decode_stream()
     start = time.perf_counter()
     latencies, outs = [], []
-    first_audio = None
-    received = 0
-    underruns = 0
-    for i, begin in enumerate(range(0, codes.shape[1], push)):
+    first_audio = playing_since = None
+    received = underruns = 0
+    buffer_s = push / frame_rate  # the player starts once it holds one push of audio (its jitter buffer)
+    for begin in range(0, codes.shape[1], push):
         due = start + begin / frame_rate
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
         sent = time.perf_counter()
         audio = await session.push(codes[:, begin : begin + push])
         now = time.perf_counter()
         latencies.append(now - sent)
-        if first_audio is not None and received / sample_rate < now - first_audio:
-            underruns += 1  # playback (from the first audio on) ran dry before this reply came
+        if playing_since is not None and received / sample_rate < now - playing_since:
+            underruns += 1  # playback ran dry before this reply came: a stall; it resumes from here
+            playing_since = now - received / sample_rate
         if audio.size and first_audio is None:
             first_audio = now
         received += audio.size
+        if playing_since is None and received / sample_rate >= buffer_s:
+            playing_since = now
         outs.append(audio)
     outs.append(await session.end())
     return {"latencies": latencies, "ttfa": (first_audio or time.perf_counter()) - start, "underruns": underruns,
@@ -99,9 +104,40 @@ async def point(url: str, clips: list, push: int, frame_rate: float, sample_rate
     return await asyncio.gather(*[client_run(url, c, push, frame_rate, sample_rate) for c in clips])
 
 
+def grouping(model, slots: int = 4, rounds: int = 7) -> list:
+    """One tick of ``slots`` warm streams, three ways: every slot pushing 4 frames (one batched group), half
+    pushing 4 and half 2 (two groups in one call, the documented choice), and every slot as its own call (no
+    slot batching). Median ms per tick over ``rounds`` interleaved rounds."""
+    from dac_fast.slots import SlotDecoder
+
+    n = model.config.n_codebooks
+    codes = torch.randint(0, model.config.codebook_size, (slots, n, 4 * (rounds + 4)))
+    cases = {"uniform 4 frames": [4] * slots, "mixed 4 and 2 frames": [4, 2] * (slots // 2)}
+    decoders = {name: SlotDecoder(model, slots) for name in [*cases, "one call per slot"]}
+    times = {name: [] for name in decoders}
+    with torch.inference_mode():
+        for r in range(rounds + 3):  # 3 warm-up rounds (past the decoder's first crops)
+            for name, dec in decoders.items():
+                sizes = cases.get(name, [4] * slots)
+                inputs = [codes[i, :, 4 * r : 4 * r + size] for i, size in enumerate(sizes)]
+                t0 = time.perf_counter()
+                if name == "one call per slot":
+                    for i in range(slots):
+                        dec.push([x if j == i else None for j, x in enumerate(inputs)])
+                else:
+                    dec.push(inputs)
+                if r >= 3:
+                    times[name].append(1000 * (time.perf_counter() - t0))
+    return [{"tick": name, "slots": slots, "ms": float(np.median(t))} for name, t in times.items()]
+
+
 def main():
     args = parser.parse_args()
     model = DacModel.from_preset(args.preset, seed=SEED)
+    if args.grouping_only:
+        for row in grouping(model):
+            print(json.dumps(row))
+        return
     config = model.config
     frame_rate = config.sampling_rate / config.hop_length
     frames = int(args.seconds * frame_rate)
