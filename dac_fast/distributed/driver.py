@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import io as aio
 from ..batch import AUDIO_EXTENSIONS, Failure, Report, _check_nq, expand_inputs, load_model, model_rate_and_hop
-from .command import DEFAULT_STALL_TIMEOUT
+from . import DEFAULT_STALL_TIMEOUT
 from .schema import RUN_INFO, SHARDS_DIR, completed, read_errors, shard_files, write_summary
 from .stages import AttemptLedger, Encoder, Reader, Writer
 
