@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .configuration import CONFIG_NAME, DacConfig, hop_length_for_rate
-from .features import BatchFeature, _check_tensor_type, pad_features
+from .features import BatchFeature, _check_tensor_type, pad_features, padding_strategy
 from .hub import push_saved, upload_folder
 from .loading import HUB_KWARGS, PREPROCESSOR_NAME, _resolve_directory
 
@@ -174,6 +174,7 @@ class DacFeatureExtractor:
             raise ValueError("Both padding and truncation were set. Make sure you only set one.")
         if padding is None:
             padding = True
+        padding = padding_strategy(padding, max_length)
         _check_tensor_type(return_tensors)
 
         is_batched = isinstance(raw_audio, (list, tuple)) and len(raw_audio) > 0 and isinstance(
@@ -185,9 +186,9 @@ class DacFeatureExtractor:
                   for i, clip in enumerate(clips)]
         padded = pad_features(self, {"input_values": arrays}, padding=padding, max_length=max_length,
                               truncation=truncation, pad_to_multiple_of=self.hop_length,
-                              return_attention_mask=bool(padding), return_tensors="np")
+                              return_attention_mask=padding != "do_not_pad", return_tensors="np")
         out = {}
-        if padding:
+        if padding != "do_not_pad":
             out["padding_mask"] = padded["attention_mask"]
         out["input_values"] = [values[None, :] for values in padded["input_values"]]
         return BatchFeature(out, tensor_type=return_tensors)

@@ -36,11 +36,11 @@ def _as_numpy(value):
         return value.detach().cpu().numpy()
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, np.ndarray, torch.Tensor)):
         items = [_as_numpy(v) for v in value]
-        if len({np.shape(v) for v in items}) > 1:  # ragged: an object array, as transformers returns it
+        if len({len(v) for v in items}) > 1:  # items of different lengths: an object array, as transformers makes
             ragged = np.empty(len(items), dtype=object)
             ragged[:] = items
             return ragged
-        return np.asarray(items)
+        return np.asarray(items)  # raises, as transformers' does, for items ragged past their first axis
     return np.asarray(value)
 
 
