@@ -139,9 +139,9 @@ class DacConfig:
         return self.to_dict()
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], **kwargs) -> "DacConfig":
-        """The config ``data`` describes (``kwargs`` override it); transformers' generic keys are ignored."""
-        return cls(**{**data, **kwargs})
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "DacConfig":
+        """The config ``config_dict`` describes (``kwargs`` override it); transformers' generic keys are ignored."""
+        return cls(**{**config_dict, **kwargs})
 
     def update(self, config_dict: dict[str, Any]) -> None:
         """Set fields from a dict, as transformers' ``update`` does; unknown names raise a TypeError."""
@@ -165,14 +165,10 @@ class DacConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """Write ``config.json``; ``push_to_hub=True`` then uploads the directory (huggingface_hub)."""
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file: expected a directory")
-        os.makedirs(save_directory, exist_ok=True)
-        self.to_json_file(os.path.join(save_directory, CONFIG_NAME))
-        if push_to_hub:
-            from .hub import upload_folder
+        from .hub import save_directory as directory_for
 
-            upload_folder(save_directory, **kwargs)
+        with directory_for(save_directory, push_to_hub, kwargs) as directory:
+            self.to_json_file(os.path.join(directory, CONFIG_NAME))
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload ``config.json`` to the hub repo ``repo_id`` (needs huggingface_hub)."""

@@ -11,7 +11,8 @@ import torch
 
 from .configuration import CONFIG_NAME, DacConfig, hop_length_for_rate
 from .features import BatchFeature, _check_tensor_type, pad_features, padding_strategy
-from .hub import push_saved, upload_folder
+from .hub import push_saved
+from .hub import save_directory as directory_for
 from .loading import HUB_KWARGS, PREPROCESSOR_NAME, _resolve_directory
 
 logger = logging.getLogger(__name__)
@@ -69,13 +70,13 @@ class DacFeatureExtractor:
         self.return_attention_mask = bool(return_attention_mask)
 
     @classmethod
-    def from_pretrained(cls, path_or_id, **kwargs) -> "DacFeatureExtractor":
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "DacFeatureExtractor":
         """Read ``preprocessor_config.json`` from a directory, a hub id or the file itself; a model directory
         without one gives the extractor matching its ``config.json``. ``subfolder`` and the hub arguments
         (``revision``, ``cache_dir``, ``local_files_only``, ``force_download``, ``token``) as in transformers;
         other keyword arguments override the stored attributes."""
         hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-        path = os.fspath(path_or_id)
+        path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isfile(path):
             directory = _resolve_directory(path, **hub_kwargs)
             path = os.path.join(directory, PREPROCESSOR_NAME)
@@ -102,33 +103,29 @@ class DacFeatureExtractor:
                 "return_attention_mask": self.return_attention_mask}
 
     @classmethod
-    def from_dict(cls, data: dict, **kwargs) -> "DacFeatureExtractor":
+    def from_dict(cls, feature_extractor_dict: dict, **kwargs) -> "DacFeatureExtractor":
         """The extractor ``to_dict`` describes (keys it does not know, such as transformers' ``processor_class``,
         are ignored); ``kwargs`` override."""
-        return cls(**{k: v for k, v in {**data, **kwargs}.items() if k in _ATTRIBUTES})
+        return cls(**{k: v for k, v in {**feature_extractor_dict, **kwargs}.items() if k in _ATTRIBUTES})
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def to_json_file(self, path) -> None:
-        with open(path, "w", encoding="utf-8") as f:
+    def to_json_file(self, json_file_path) -> None:
+        with open(json_file_path, "w", encoding="utf-8") as f:
             f.write(self.to_json_string())
 
     @classmethod
-    def from_json_file(cls, path, **kwargs) -> "DacFeatureExtractor":
-        with open(path, encoding="utf-8") as f:
+    def from_json_file(cls, json_file, **kwargs) -> "DacFeatureExtractor":
+        with open(json_file, encoding="utf-8") as f:
             return cls.from_dict(json.load(f), **kwargs)
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
         """Write ``preprocessor_config.json`` (readable by transformers' AutoFeatureExtractor); returns
         ``[its path]`` as transformers does. ``push_to_hub=True`` uploads the directory (huggingface_hub)."""
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file: expected a directory")
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, PREPROCESSOR_NAME)
-        self.to_json_file(path)
-        if push_to_hub:
-            upload_folder(save_directory, **kwargs)
+        with directory_for(save_directory, push_to_hub, kwargs) as directory:
+            path = os.path.join(directory, PREPROCESSOR_NAME)
+            self.to_json_file(path)
         return [path]
 
     def push_to_hub(self, repo_id: str, **kwargs):

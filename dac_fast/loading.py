@@ -367,26 +367,21 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         raise ValueError(f"checkpoint does not match the model configuration{where}: " + "; ".join(problems))
 
 
-def save_pretrained(model, directory, push_to_hub: bool = False, **hub_kwargs) -> list[str]:
+def save_pretrained(model, save_directory, push_to_hub: bool = False, state_dict=None, **hub_kwargs) -> list[str]:
     """Write the three files (config, weights, preprocessor config); returns their paths."""
     from safetensors.torch import save_file
 
     from .feature_extraction import DacFeatureExtractor
+    from .hub import save_directory as directory_for
 
-    if os.path.isfile(directory):
-        raise ValueError(f"save_directory {os.fspath(directory)!r} is a file: expected a directory")
-    os.makedirs(directory, exist_ok=True)
-    model.config.save_pretrained(directory)
-    state_dict = {k: v.detach().contiguous().cpu() for k, v in fold_weight_norm(model.state_dict()).items()}
-    weights = os.path.join(directory, SAFETENSORS_NAME)
-    save_file(state_dict, weights, metadata={"format": "pt"})
-    written = [os.path.join(directory, CONFIG_NAME), weights,
-               *DacFeatureExtractor.from_config(model.config).save_pretrained(directory)]
-    if push_to_hub:
-        from .hub import upload_folder
-
-        upload_folder(directory, **hub_kwargs)
-    return written
+    with directory_for(save_directory, push_to_hub, hub_kwargs) as directory:
+        model.config.save_pretrained(directory)
+        tensors = fold_weight_norm(model.state_dict() if state_dict is None else state_dict)
+        state_dict = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        weights = os.path.join(directory, SAFETENSORS_NAME)
+        save_file(state_dict, weights, metadata={"format": "pt"})
+        return [os.path.join(directory, CONFIG_NAME), weights,
+                *DacFeatureExtractor.from_config(model.config).save_pretrained(directory)]
 
 
 # ----------------------------------------------------------------------------- random weights

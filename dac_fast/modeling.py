@@ -1182,22 +1182,22 @@ class DacModel(PreTrainedConveniences, nn.Module):
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def from_pretrained(cls, path_or_id=None, *, device=None, dtype=None, torch_dtype=None, device_map=None,
-                        backend=None, **kwargs) -> "DacModel":
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *, device=None, dtype=None, torch_dtype=None,
+                        device_map=None, backend=None, **kwargs) -> "DacModel":
         """Load a transformers-format checkpoint: a local directory (config.json + model.safetensors or
         pytorch_model.bin) or a hub id (local Hugging Face cache, or huggingface_hub when reachable).
 
         dtype (or transformers' older ``torch_dtype``): a torch.dtype, its name, or "auto" (the checkpoint's);
         device or transformers' ``device_map`` ("auto", a device, or {"": device}: the model is never split).
         As in transformers: ``config=`` (a DacConfig, transformers' DacConfig or a path) instead of config.json,
-        ``state_dict=`` instead of the weights file (path_or_id None: both needed), ``output_loading_info=True``
-        (returns (model, {missing_keys, unexpected_keys, mismatched_keys, error_msgs}); missing tensors keep
-        their initialization instead of raising), ``subfolder`` and the hub arguments revision, cache_dir,
+        ``state_dict=`` instead of the weights file (no path: both needed), ``output_loading_info=True`` (returns
+        (model, {missing_keys, unexpected_keys, mismatched_keys, error_msgs}); missing tensors keep their
+        initialization instead of raising), ``subfolder`` and the hub arguments revision, cache_dir,
         local_files_only, token, force_download, proxies. Other keyword arguments raise a TypeError."""
         from .loading import load_pretrained
 
-        return load_pretrained(cls, path_or_id, device=device, dtype=dtype, torch_dtype=torch_dtype,
-                               device_map=device_map, backend=backend, **kwargs)
+        return load_pretrained(cls, pretrained_model_name_or_path, device=device, dtype=dtype,
+                               torch_dtype=torch_dtype, device_map=device_map, backend=backend, **kwargs)
 
     @classmethod
     def from_original(cls, path, *, device=None, dtype=None, backend=None) -> "DacModel":
@@ -1227,7 +1227,7 @@ class DacModel(PreTrainedConveniences, nn.Module):
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
         """Write config.json, model.safetensors and preprocessor_config.json, loadable by transformers; returns
-        their paths. ``push_to_hub=True`` then uploads the directory (``repo_id``, ``commit_message``, ``private``,
+        their paths. ``state_dict=`` saves those tensors instead of the model's. ``push_to_hub=True`` then uploads the directory (``repo_id``, ``commit_message``, ``private``,
         ``token``: huggingface_hub)."""
         from .loading import save_pretrained
 

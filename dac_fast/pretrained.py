@@ -42,6 +42,17 @@ class PreTrainedConveniences:
         tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
         return sum(t.nelement() * t.element_size() for t in tensors)
 
+    @property
+    def base_model(self) -> nn.Module:
+        """The model itself (DAC has no task heads around a base model)."""
+        return self
+
+    def get_encoder(self) -> nn.Module:
+        return self.encoder
+
+    def get_decoder(self) -> nn.Module:
+        return self.decoder
+
     # ------------------------------------------------------------------ gradient checkpointing
     def _checkpointed_blocks(self):
         return [*self.encoder.block, *self.decoder.block]

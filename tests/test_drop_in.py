@@ -223,7 +223,7 @@ def pair16():
 def test_padded_batch_equals_transformers_single_clip_path(pair16, tmp_path):
     """The issue's case scaled down: a clip and two prefixes (odd lengths), batched with the extractor, give each
     clip's codes, frame count and decoded length of transformers' extractor + model on that clip alone; the file
-    tools (bucket="mask" and the default) give the same codes."""
+    tools' masked batches (what the CLI's --bucket mask runs) give the same codes."""
     hf, ours = pair16
     sr = ours.config.sampling_rate
     clip = synth_audio(5299, sr, seed=7)
@@ -245,11 +245,11 @@ def test_padded_batch_equals_transformers_single_clip_path(pair16, tmp_path):
         frames = out.audio_frames[b]
         assert torch.equal(out.audio_codes[b, :, :frames], single.audio_codes[0]), f"item {b}"
         assert torch.all(audio[b, lengths[b]:] == 0) and audio[b, lengths[b] - 1] != 0
-    for bucket in ("mask", "exact"):
-        encode_files([tmp_path / "in"], tmp_path / bucket, ours, normalize_db=None, bucket=bucket, progress=False)
-        for path, single in zip(paths, singles):
-            stored = DacFile.load(tmp_path / bucket / (path.stem + ".dac")).codes
-            assert np.array_equal(stored[0].astype(np.int64), single.audio_codes[0].numpy()), (bucket, path.name)
+    report = encode_files([tmp_path / "in"], tmp_path / "codes", ours, normalize_db=None, bucket="mask", progress=False)
+    assert report.ok, report.failures
+    for path, single in zip(paths, singles):
+        stored = DacFile.load(tmp_path / "codes" / (path.stem + ".dac")).codes
+        assert np.array_equal(stored[0].astype(np.int64), single.audio_codes[0].numpy()), path.name
 
 
 # ----------------------------------------------------------------------------- from_pretrained arguments
@@ -352,7 +352,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     import dac_fast.pretrained as pretrained
 
     model = DacModel.from_transformers(tiny_pair(seed=5)).train()
-    x = tiny_audio(batch=2, length=1500)
+    x = tiny_audio(batch=2, length=600)
 
     def grads():
         model.zero_grad()
