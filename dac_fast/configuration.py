@@ -70,7 +70,8 @@ class DacConfig:
         self.codebook_loss_weight = float(codebook_loss_weight)
         self.sampling_rate = int(sampling_rate)
         if latent_dim is not None and hidden_size is not None and int(latent_dim) != int(hidden_size):
-            raise ValueError(f"hidden_size={hidden_size} and its alias latent_dim={latent_dim} disagree: pass only hidden_size")
+            raise ValueError(
+                f"hidden_size={hidden_size} and its alias latent_dim={latent_dim} disagree: pass only hidden_size")
         width = hidden_size if hidden_size is not None else latent_dim
         self._hidden_size = None if width is None else int(width)
         self.return_dict = bool(return_dict)

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from . import ops
 from .configuration import DacConfig, n_quantizers_problem
-from .pretrained import PreTrainedConveniences, run_block
 from .feature_extraction import pcm_to_float
 from .outputs import DacDecoderOutput, DacEncoderOutput, DacOutput
+from .pretrained import PreTrainedConveniences, run_block
 
 
 class Snake1d(nn.Module):
@@ -1227,8 +1227,8 @@ class DacModel(PreTrainedConveniences, nn.Module):
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
         """Write config.json, model.safetensors and preprocessor_config.json, loadable by transformers; returns
-        their paths. ``state_dict=`` saves those tensors instead of the model's. ``push_to_hub=True`` then uploads the directory (``repo_id``, ``commit_message``, ``private``,
-        ``token``: huggingface_hub)."""
+        their paths. ``state_dict=`` saves those tensors instead of the model's. ``push_to_hub=True`` then
+        uploads the directory (``repo_id``, ``commit_message``, ``private``, ``token``: huggingface_hub)."""
         from .loading import save_pretrained
 
         return save_pretrained(self, save_directory, push_to_hub=push_to_hub, **kwargs)

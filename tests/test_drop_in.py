@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 # A tiny layout with non-default latent width, codebook width and ratios (fast to build and run).
 TINY = dict(encoder_hidden_size=4, downsampling_ratios=[2, 3, 5], decoder_hidden_size=32, n_codebooks=3,
             codebook_size=64, codebook_dim=4, hidden_size=24, sampling_rate=16000)
-CONFIG_CASES = [dict(PRESETS[name]) for name in PRESETS] + [TINY, dict(codebook_dim=16), dict(downsampling_ratios=[4, 5])]
+CONFIG_CASES = [dict(PRESETS[name]) for name in PRESETS] + [TINY, dict(codebook_dim=16),
+                                                            dict(downsampling_ratios=[4, 5])]
 COMPARED = ("encoder_hidden_size", "downsampling_ratios", "decoder_hidden_size", "n_codebooks", "codebook_size",
             "codebook_dim", "quantizer_dropout", "commitment_loss_weight", "codebook_loss_weight", "sampling_rate",
             "hidden_size", "hop_length", "upsampling_ratios", "frame_rate")
@@ -141,8 +142,8 @@ def as_kind(values, kind):
 
 
 PADS = [dict(), dict(padding="max_length", max_length=1200), dict(padding=True, pad_to_multiple_of=128),
-        dict(padding=False, truncation=True, max_length=500), dict(padding="max_length", max_length=600, truncation=True,
-                                                                   pad_to_multiple_of=256),
+        dict(padding=False, truncation=True, max_length=500),
+        dict(padding="max_length", max_length=600, truncation=True, pad_to_multiple_of=256),
         dict(return_attention_mask=False), dict(padding="longest", return_tensors="pt"), dict(return_tensors="np")]
 
 
@@ -187,7 +188,8 @@ def test_batch_feature_behaves_like_transformers():
     assert torch.equal(ours.input_values, ref["input_values"]) and list(ours.items())[0][0] == "padding_mask"
     for args in (("cpu",), (torch.float64,), ()):
         a, b = ours.to(*args), ref.to(*args)
-        assert a is ours and a.input_values.dtype == b["input_values"].dtype and a.padding_mask.dtype == b.padding_mask.dtype
+        assert a is ours and a.input_values.dtype == b["input_values"].dtype
+        assert a.padding_mask.dtype == b["padding_mask"].dtype
     with pytest.raises(AttributeError, match="no input 'attention_mask'"):
         ours.attention_mask
     with pytest.raises(ValueError, match="takes a device or a dtype"):
@@ -363,7 +365,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     plain = grads()
     recomputed = []
     real_checkpoint = pretrained.checkpoint
-    monkeypatch.setattr(pretrained, "checkpoint", lambda fn, *a, **k: recomputed.append(fn) or real_checkpoint(fn, *a, **k))
+    monkeypatch.setattr(pretrained, "checkpoint",
+                        lambda fn, *a, **k: recomputed.append(fn) or real_checkpoint(fn, *a, **k))
     assert not model.is_gradient_checkpointing
     model.gradient_checkpointing_enable()
     assert model.is_gradient_checkpointing
