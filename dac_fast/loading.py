@@ -301,9 +301,8 @@ def build_model_reporting(cls, config: DacConfig, state_dict, *, device=None, dt
     their initialization and unexpected ones are skipped (both listed); mis-shaped ones still raise."""
     with torch.inference_mode(False):
         model = cls(config, backend=backend).to(device=device or "cpu")
-        missing, unexpected, mismatched = state_dict_differences(model, state_dict)
-        if mismatched:
-            check_state_dict(model, {k: v for k, v in state_dict.items() if k not in unexpected}, source)
+        check_state_dict(model, state_dict, source, shapes_only=True)
+        missing, unexpected, _ = state_dict_differences(model, state_dict)
         model.load_state_dict(state_dict, strict=False)
         if dtype is not None:
             model = model.to(dtype=dtype)
@@ -345,8 +344,9 @@ def state_dict_differences(model: nn.Module, state_dict: Mapping[str, torch.Tens
             sorted(k for k in set(expected) & set(got) if expected[k] != got[k]))
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "") -> None:
-    """Raise a ValueError naming every missing, unexpected and mis-shaped tensor."""
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "",
+                     shapes_only: bool = False) -> None:
+    """Raise a ValueError naming every missing, unexpected and mis-shaped tensor (``shapes_only``: mis-shaped)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state_dict.items()}
     problems = []
@@ -356,9 +356,9 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         shown = ", ".join(describe(k) for k in keys[:10])
         return shown + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
 
-    if missing:
+    if missing and not shapes_only:
         problems.append(f"missing tensors: {listing(missing)}")
-    if unexpected:
+    if unexpected and not shapes_only:
         problems.append(f"unexpected tensors: {listing(unexpected)}")
     if shapes:
         problems.append("mis-shaped tensors: " + listing(shapes, lambda k: f"{k} (expected {expected[k]}, got {got[k]})"))
