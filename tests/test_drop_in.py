@@ -263,7 +263,7 @@ def saved_tiny(tmp_path_factory):
     return model, directory
 
 
-def test_from_pretrained_transformers_arguments(saved_tiny):
+def test_from_pretrained_transformers_arguments(saved_tiny, tmp_path):
     model, directory = saved_tiny
     loaded = DacModel.from_pretrained(directory, subfolder="sub")
     assert torch.equal(loaded.encoder.conv1.weight, model.encoder.conv1.weight)
@@ -280,6 +280,11 @@ def test_from_pretrained_transformers_arguments(saved_tiny):
     with pytest.raises(ValueError, match="mis-shaped tensors: decoder.conv2.bias"):
         DacModel.from_pretrained(None, config=model.config, state_dict=partial | {"decoder.conv2.bias": torch.zeros(2)},
                                  output_loading_info=True)
+    # save_pretrained(state_dict=) writes the given tensors, readable by transformers
+    changed = {k: v + 1 if k == "decoder.conv2.bias" else v for k, v in state.items()}
+    model.save_pretrained(tmp_path, state_dict=changed)
+    reloaded = transformers.DacModel.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.decoder.conv2.bias, changed["decoder.conv2.bias"])
     with pytest.raises(ValueError, match="needs both config= and state_dict="):
         DacModel.from_pretrained(None, config=model.config)
     with pytest.raises(FileNotFoundError, match="subfolder 'nope' does not exist"):
