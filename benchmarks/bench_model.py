@@ -152,7 +152,7 @@ def build_models(preset: str, seed: int, device: str, want_ours: bool, want_hf: 
     from dac_fast.loading import randomize_
 
     cfg = DacConfig.from_preset(preset)
-    fields = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "latent_dim")}
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures")}
     hf = transformers.DacModel(transformers.DacConfig(**fields))
     randomize_(hf, seed)
     hf.eval()

@@ -23,6 +23,7 @@ from . import ops
 from .configuration import DacConfig, n_quantizers_problem
 from .feature_extraction import pcm_to_float
 from .outputs import DacDecoderOutput, DacEncoderOutput, DacOutput
+from .pretrained import PreTrainedConveniences, run_block
 
 
 class Snake1d(nn.Module):
@@ -562,7 +563,7 @@ class DacDecoder(nn.Module):
             return self.inference(hidden_state)
         hidden_state = conv_forward(self.conv1, hidden_state)
         for layer in self.block:
-            hidden_state = layer(hidden_state)
+            hidden_state = run_block(layer, hidden_state)
         return self.tanh(conv_forward(self.conv2, self.snake1(hidden_state)))
 
     def inference(self, hidden_state: torch.Tensor, flow=None) -> torch.Tensor:
@@ -595,7 +596,7 @@ class DacEncoder(nn.Module):
             return self.inference(hidden_state)
         hidden_state = conv_forward(self.conv1, hidden_state)
         for module in self.block:
-            hidden_state = module(hidden_state)
+            hidden_state = run_block(module, hidden_state)
         return conv_forward(self.conv2, self.snake1(hidden_state))
 
     def inference(self, hidden_state: torch.Tensor, flow=None) -> torch.Tensor:
@@ -830,14 +831,13 @@ class _GraphCache:
         return captured(*args)
 
 
-class DacModel(nn.Module):
+class DacModel(PreTrainedConveniences, nn.Module):
     """The DAC codec: encoder, residual vector quantizer, decoder.
 
     Drop-in for ``transformers.DacModel``: same config, parameter names, encode/decode/forward
-    signatures and output classes.
+    signatures and output classes. transformers' model conveniences (``num_parameters``, gradient
+    checkpointing, ``push_to_hub``, ...) come from ``PreTrainedConveniences``.
     """
-
-    main_input_name = "input_values"
 
     def __init__(self, config: DacConfig, backend: str | None = None):
         super().__init__()
@@ -862,12 +862,6 @@ class DacModel(nn.Module):
                 nn.init.constant_(module.bias, 0)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """Number of parameters, as transformers' ``num_parameters`` counts them (embeddings: the codebooks)."""
-        embeddings = {id(m.weight) for m in self.modules() if exclude_embeddings and isinstance(m, nn.Embedding)}
-        return sum(p.numel() for p in self.parameters()
-                   if id(p) not in embeddings and (p.requires_grad or not only_trainable))
 
     @property
     def device(self) -> torch.device:
@@ -983,9 +977,10 @@ class DacModel(nn.Module):
         hop (one frame of codes), where transformers raises a convolution error.
 
         ``padding_mask`` (B, T), 1 for real samples then 0 for right padding (as ``DacFeatureExtractor(...,
-        padding=True)`` returns it; inference only): each item is encoded as if alone and unpadded. Its codes
-        over its own frames equal encoding it alone, and the output gains ``audio_frames`` (B,), the number of
-        frames of each item (the frames after those are padding); pass it to ``decode(..., audio_frames=)``.
+        padding=True)`` returns it; inference only): each item is encoded as the feature extractor gives it
+        alone, zero-padded to whole hops (``ceil(n / hop_length)`` frames). Its codes over its own frames equal
+        that single-clip path's, and the output gains ``audio_frames`` (B,), the number of frames of each item
+        (the frames after those are padding); pass it to ``decode(..., audio_frames=)``.
 
         ``cuda_graphs=True`` (CUDA, inference only): the encoder's tiles replay CUDA graphs captured on first
         use (see ``_graphed``); the codes are identical to ``cuda_graphs=False``.
@@ -1003,11 +998,11 @@ class DacModel(nn.Module):
         checks.run()
         n_quantizers = self._check_n_quantizers(n_quantizers if queued_n_quantizers is None else queued_n_quantizers[0])
         if padding_mask is not None:
-            # padding is zero whatever the caller put there; an item too short for the encoder is zero-padded
-            # to one hop, as it is when encoded alone
-            input_values = zero_outside(input_values, 0, stop=lengths)
+            # Each item as the feature extractor gives it alone: zero-padded to whole hops (whatever the caller
+            # put in its padding), so a padded batch and the single-clip path give the same codes and frames.
             hop = self.config.hop_length
-            lengths = torch.where(encoded_frames(self.config, lengths) < 1, torch.full_like(lengths, hop), lengths)
+            input_values = F.pad(zero_outside(input_values, 0, stop=lengths), (0, -input_values.shape[-1] % hop))
+            lengths = (lengths + hop - 1) // hop * hop
             audio_frames = encoded_frames(self.config, lengths)
         with self._backend_scope():
             latent = self._encode_latent(input_values, tile_frames, lengths, graphs)
@@ -1187,19 +1182,22 @@ class DacModel(nn.Module):
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def from_pretrained(cls, path_or_id, *, device=None, dtype=None, torch_dtype=None, device_map=None, backend=None,
-                        **hub_kwargs) -> "DacModel":
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *, device=None, dtype=None, torch_dtype=None,
+                        device_map=None, backend=None, **kwargs) -> "DacModel":
         """Load a transformers-format checkpoint: a local directory (config.json + model.safetensors or
         pytorch_model.bin) or a hub id (local Hugging Face cache, or huggingface_hub when reachable).
 
         dtype (or transformers' older ``torch_dtype``): a torch.dtype, its name, or "auto" (the checkpoint's);
-        device or transformers' ``device_map`` ("auto", a device, or {"": device}: the model is never split);
-        hub_kwargs: revision, cache_dir, local_files_only, token, force_download, proxies. Other keyword
-        arguments raise a TypeError."""
+        device or transformers' ``device_map`` ("auto", a device, or {"": device}: the model is never split).
+        As in transformers: ``config=`` (a DacConfig, transformers' DacConfig or a path) instead of config.json,
+        ``state_dict=`` instead of the weights file (no path: both needed), ``output_loading_info=True`` (returns
+        (model, {missing_keys, unexpected_keys, mismatched_keys, error_msgs}); missing tensors keep their
+        initialization instead of raising), ``subfolder`` and the hub arguments revision, cache_dir,
+        local_files_only, token, force_download, proxies. Other keyword arguments raise a TypeError."""
         from .loading import load_pretrained
 
-        return load_pretrained(cls, path_or_id, device=device, dtype=dtype, torch_dtype=torch_dtype,
-                               device_map=device_map, backend=backend, **hub_kwargs)
+        return load_pretrained(cls, pretrained_model_name_or_path, device=device, dtype=dtype,
+                               torch_dtype=torch_dtype, device_map=device_map, backend=backend, **kwargs)
 
     @classmethod
     def from_original(cls, path, *, device=None, dtype=None, backend=None) -> "DacModel":
@@ -1227,11 +1225,13 @@ class DacModel(nn.Module):
             randomize_(model, seed)
             return model.to(device=device, dtype=dtype).eval()
 
-    def save_pretrained(self, directory) -> None:
-        """Write config.json, model.safetensors and preprocessor_config.json, loadable by transformers."""
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """Write config.json, model.safetensors and preprocessor_config.json, loadable by transformers; returns
+        their paths. ``state_dict=`` saves those tensors instead of the model's. ``push_to_hub=True`` then
+        uploads the directory (``repo_id``, ``commit_message``, ``private``, ``token``: huggingface_hub)."""
         from .loading import save_pretrained
 
-        save_pretrained(self, directory)
+        return save_pretrained(self, save_directory, push_to_hub=push_to_hub, **kwargs)
 
     # ------------------------------------------------------------------ weight norm (training)
     def _weight_norm_modules(self):

@@ -353,14 +353,17 @@ def clips_for(config, seconds=(0.23, 0.11, 0.17)):
 def test_padding_mask_codes_equal_each_item_alone(tile_frames):
     model = model_for("16khz")
     clips = clips_for(model.config)
-    inputs = DacFeatureExtractor.from_config(model.config)(clips, sampling_rate=model.config.sampling_rate,
-                                                            return_tensors="pt")
+    fe = DacFeatureExtractor.from_config(model.config)
+    inputs = fe(clips, sampling_rate=model.config.sampling_rate, return_tensors="pt")
     with torch.inference_mode():
         out = model.encode(inputs["input_values"], padding_mask=inputs["padding_mask"], tile_frames=tile_frames)
         assert list(out.keys())[-1] == "audio_frames" and len(out.to_tuple()) == 5
         frames = out.audio_frames.tolist()
-        assert frames == [encoded_frames(model.config, len(c)) for c in clips]
-        alone = [model.encode(torch.from_numpy(c)[None, None], tile_frames=tile_frames).audio_codes for c in clips]
+        hop = model.config.hop_length
+        assert frames == [-(-len(c) // hop) for c in clips]
+        # "alone" is the single-clip path: the extractor zero-pads the clip to whole hops
+        alone = [model.encode(fe(c, sampling_rate=model.config.sampling_rate, return_tensors="pt").input_values,
+                              tile_frames=tile_frames).audio_codes for c in clips]
         for b, codes in enumerate(alone):
             assert torch.equal(out.audio_codes[b, :, : frames[b]], codes[0])
         # decoding with the frame counts: each item as decoded alone, zero after its own length
@@ -436,11 +439,12 @@ def test_model_cuda_padding_mask_codes_equal_each_item_alone():
     """The README's question for CUDA: is an item's code sequence the same alone and inside a padded batch?"""
     model = DacModel.from_preset("16khz", seed=5, device="cuda")
     clips = clips_for(model.config)
-    inputs = DacFeatureExtractor.from_config(model.config)(clips, sampling_rate=model.config.sampling_rate,
-                                                            return_tensors="pt")
+    fe = DacFeatureExtractor.from_config(model.config)
+    inputs = fe(clips, sampling_rate=model.config.sampling_rate, return_tensors="pt")
     with torch.inference_mode():
         out = model.encode(inputs["input_values"].cuda(), padding_mask=inputs["padding_mask"].cuda())
         frames = out.audio_frames.tolist()
         for b, clip in enumerate(clips):
-            alone = model.encode(torch.from_numpy(clip)[None, None].cuda()).audio_codes[0]
+            single = fe(clip, sampling_rate=model.config.sampling_rate, return_tensors="pt").input_values
+            alone = model.encode(single.cuda()).audio_codes[0]
             assert torch.equal(out.audio_codes[b, :, : frames[b]], alone), f"item {b}"
