@@ -21,9 +21,21 @@ import torch.nn.functional as F
 
 from . import ops
 from .configuration import DacConfig, n_quantizers_problem
-from .feature_extraction import pcm_to_float
+from .checks import DeviceChecks, check_audio
+from .convolution import (
+    PACKED_WEIGHTS,
+    PaddedBatch,
+    conv_forward,
+    conv_step,
+    conv_transpose_step,
+    onednn_applies,
+    weight_norm_parts,
+    zero_outside,
+)
 from .outputs import DacDecoderOutput, DacEncoderOutput, DacOutput
 from .pretrained import PreTrainedConveniences, run_block
+from .tiles import decoded_length, decoder_halo_frames, encoded_frames, encoder_halo_frames, run_tiled
+from .weight_cache import derived_from
 
 
 class Snake1d(nn.Module):
@@ -36,40 +48,6 @@ class Snake1d(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, C, T) -> (B, C, T)."""
         return ops.snake(hidden_states, self.alpha)
-
-
-def tensors_key(tensors):
-    """What identifies ``tensors`` for a cache built from them: versions, storage addresses, dtype and device;
-    None where they cannot be tracked (under torch.compile/export; inference tensors, whose in-place updates
-    bump no version) or an autograd graph needs them."""
-    if torch.compiler.is_compiling() or ops.needs_grad(*tensors) or any(t.is_inference() for t in tensors):
-        return None
-    return tuple((t._version, t.data_ptr()) for t in tensors) + (tensors[0].dtype, tensors[0].device)
-
-
-def derived_from(owner: nn.Module, name: str, tensors, build, store: dict | None = None, untracked=None):
-    """``build()``, a value computed from ``tensors`` (e.g. stacked or normalized weights), cached under ``name``
-    in ``owner``'s ``_derived`` dict until one of them changes: an in-place update (load_state_dict, ``w.mul_()`` under
-    no_grad) bumps its version, ``.to()``/``.half()`` give it new storage. The entry keeps the tensors it was
-    built from alive, so their addresses cannot be reused by other weights while it exists (a model copied or
-    unpickled carries entries naming storages that are not its own: they never match). Entries hold ordinary
-    tensors only (built outside inference mode, without autograd), so the model still deep-copies and pickles;
-    values that cannot be copied go to a ``store`` beside the module instead. Not cached where ``tensors_key``
-    is None: then ``untracked()`` if given (for values too costly to build at every call), else ``build()``.
-    Updates through ``.data`` bump no version and are not seen: call ``DacModel.clear_weight_caches()`` after
-    them."""
-    key = tensors_key(tensors)
-    if key is None:
-        return build() if untracked is None else untracked()
-    store = owner.__dict__.setdefault("_derived", {}) if store is None else store
-    entry = store.get(name)
-    if entry is not None and entry[0] == key and all(a.data_ptr() == b.data_ptr() for a, b in zip(entry[1], tensors)):
-        return entry[2]
-    with torch.inference_mode(False), torch.no_grad():
-        value = build()
-        sources = [t.detach() for t in tensors]
-    store[name] = (key, sources, value)
-    return value
 
 
 class DacVectorQuantize(nn.Module):
@@ -105,39 +83,6 @@ class DacVectorQuantize(nn.Module):
         indices = dist.max(1)[1].reshape(batch_size, -1)
         quantized_representation = self.codebook(indices).transpose(1, 2)
         return quantized_representation, indices
-
-
-def weight_norm_parts(conv: nn.Module):
-    """(v, scale) of a convolution reparametrized by ``weight_norm`` (dim 0), else None.
-
-    weight = v * scale along axis 0 with scale = g / ||v|| (norm over the other axes) of shape (weight.shape[0],):
-    per output channel for Conv1d (weight (C_out, C_in, k)), per INPUT channel for ConvTranspose1d (weight
-    (C_in, C_out, k)).
-    """
-    if not nn.utils.parametrize.is_parametrized(conv, "weight"):
-        return None
-    chain = conv.parametrizations.weight
-    if len(chain) != 1 or not isinstance(chain[0], nn.utils.parametrizations._WeightNorm) or chain[0].dim != 0:
-        return None
-    g, v = chain.original0, chain.original1
-    return v, g.reshape(-1) / torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())))
-
-
-def conv_forward(conv: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
-    """``conv(hidden_state)``. Under weight norm the normalized weight is not built: the convolution runs on
-    v and the per-channel scale goes to its output (Conv1d) or, for ConvTranspose1d, whose norm runs over
-    the input-channel axis, to its input."""
-    parts = weight_norm_parts(conv)
-    if parts is None:
-        return conv(hidden_state)
-    v, scale = parts
-    if isinstance(conv, nn.ConvTranspose1d):
-        return F.conv_transpose1d(hidden_state * scale.view(1, -1, 1), v, conv.bias, conv.stride, conv.padding,
-                                  conv.output_padding, conv.groups, conv.dilation)
-    out = F.conv1d(hidden_state, v, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if conv.bias is None:
-        return out * scale.view(1, -1, 1)
-    return torch.addcmul(conv.bias.view(1, -1, 1), out, scale.view(1, -1, 1))
 
 
 class DacResidualUnit(nn.Module):
@@ -194,178 +139,6 @@ def _residual_chain(units, hidden_state: torch.Tensor, next_alpha: torch.Tensor,
         skip = hidden_state if flow is None else flow.skip(unit, hidden_state, branch.shape[-1])
         hidden_state, activated = ops.add_snake(skip, branch, alpha)
     return activated
-
-
-# ----------------------------------------------------------------------------- inference convolutions
-def _onednn_applies(hidden_state: torch.Tensor) -> bool:
-    """CPU fp32 outside the pure-torch backend. There oneDNN's convolution gives every output element the same
-    bits whatever the input's length, crop or batch size, which exact tiles, streams and padded batches rely
-    on; F.conv1d would pick a different (native) kernel for small batch-1 inputs. Not while torch.compile or
-    torch.export traces (the oneDNN op has no fake-tensor kernel): there the graph holds F.conv1d."""
-    return (hidden_state.device.type == "cpu" and hidden_state.dtype == torch.float32
-            and not torch.compiler.is_compiling()
-            and ops.current_backend() != "torch" and torch.backends.mkldnn.is_available())
-
-
-def conv_arithmetic(conv: nn.Conv1d, hidden_state: torch.Tensor, padding: int, packed: bool = False) -> torch.Tensor:
-    """``conv``'s arithmetic with ``padding`` zeros on each side (its own padding offline, 0 on a stream window).
-    ``packed``: see ``packed_conv1d``."""
-    args = (conv.weight, conv.bias, padding, conv.stride[0], conv.dilation[0], conv.groups)
-    if packed:
-        return packed_conv1d(conv, hidden_state, *args)
-    return _conv1d(hidden_state, *args)
-
-
-def _conv1d(hidden_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, stride: int,
-            dilation: int, groups: int) -> torch.Tensor:
-    if _onednn_applies(hidden_state):
-        return torch.mkldnn_convolution(hidden_state.contiguous(), weight, bias, (padding,), (stride,), (dilation,),
-                                        groups)
-    return F.conv1d(hidden_state, weight, bias, stride, padding, dilation, groups)
-
-
-# weights of at least 1 Mi elements (768 channels and up) are worth packing: below it oneDNN's per-call re-pack
-# costs less than the convolution itself, and a packed layout chosen for one window width can run slower at another
-_PACK_MIN_NUMEL = 1024 * 1024
-# owner module -> its packed weights (``derived_from`` entries); beside the modules, not on them: oneDNN tensors
-# cannot be deep-copied or pickled, and a copied model builds its own
-_PACKED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def packed_conv1d(owner: nn.Module, hidden_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  padding: int, stride: int = 1, dilation: int = 1, groups: int = 1) -> torch.Tensor:
-    """``F.conv1d`` with a large ``weight`` (``owner``'s, or derived from it) reordered once per weight version
-    into oneDNN's blocked layout.
-
-    ``torch.mkldnn_convolution`` re-packs its weight at every call: 20-40 ms for the decoder's first layers on
-    2 cores, ten times the convolution of a short stream window. Packed outputs differ from it at rounding
-    level (1e-6 relative) and depend on the window width, so only the streaming decoder uses them (its budget
-    against the offline decode is 1e-5); offline calls, tiles, padded batches and the encoder keep
-    ``mkldnn_convolution``, whose bits do not depend on the window (identical codes rely on that). Not packed
-    where the weight is rebuilt at every call (weight norm, inference tensors): packing would cost more.
-    """
-    def pack():
-        layout_hint = [1, hidden_state.shape[1], 1, 64]
-        return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().unsqueeze(2).to_mkldnn(), [0, padding],
-                                                         [1, stride], [1, dilation], groups, layout_hint)
-
-    packed = None
-    if weight.numel() >= _PACK_MIN_NUMEL and _onednn_applies(hidden_state) and not _weight_normed(owner):
-        packed = derived_from(owner, f"packed_{padding}", [weight], pack, store=_PACKED_WEIGHTS.setdefault(owner, {}),
-                              untracked=lambda: None)
-    if packed is None:
-        return _conv1d(hidden_state, weight, bias, padding, stride, dilation, groups)
-    return torch.ops.mkldnn._convolution_pointwise(hidden_state.contiguous().unsqueeze(2), packed, bias,
-                                                   [0, padding], [1, stride], [1, dilation], groups, "none", [],
-                                                   None).squeeze(2)
-
-
-def _weight_normed(conv: nn.Module) -> bool:
-    """Weight norm (parametrized or the old hook): ``conv.weight`` is rebuilt from g and v at every access."""
-    return hasattr(conv, "parametrizations") or hasattr(conv, "weight_g")
-
-
-def conv_transpose_arithmetic(conv: nn.ConvTranspose1d, hidden_state: torch.Tensor) -> torch.Tensor:
-    """``conv(hidden_state)`` for a transposed convolution: the polyphase form where it applies."""
-    if _polyphase_applies(conv, hidden_state):
-        return conv_transpose_polyphase(conv, hidden_state)
-    return conv(hidden_state)
-
-
-def conv_step(conv: nn.Conv1d, hidden_state: torch.Tensor, flow=None) -> torch.Tensor:
-    """Every inference convolution goes through here. ``flow`` None: offline, ``conv(hidden_state)``. Otherwise
-    ``flow.conv(conv, hidden_state)``: one step of a stream (``dac_fast.streaming``: the input continues what
-    came before, the output is what is now final) or a right-padded batch (``PaddedBatch``: each item's input
-    is zero beyond its own length, as if it were alone)."""
-    if flow is None:
-        return conv_arithmetic(conv, hidden_state, conv.padding[0])
-    return flow.conv(conv, hidden_state)
-
-
-def conv_transpose_step(conv: nn.ConvTranspose1d, hidden_state: torch.Tensor, flow=None) -> torch.Tensor:
-    """``conv_step`` for the transposed convolutions."""
-    if flow is None:
-        return conv_transpose_arithmetic(conv, hidden_state)
-    return flow.conv_transpose(conv, hidden_state)
-
-
-def _output_lengths(conv: nn.Module, lengths: torch.Tensor) -> torch.Tensor:
-    """Output lengths of ``conv`` for inputs of ``lengths`` (any shape), 0 where the input is too short."""
-    (k,), (s,), (d,), (p,) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
-    if isinstance(conv, nn.ConvTranspose1d):
-        out = (lengths - 1) * s - 2 * p + d * (k - 1) + conv.output_padding[0] + 1
-        return torch.where(lengths > 0, out, 0).clamp_min(0)
-    return (torch.div(lengths + 2 * p - d * (k - 1) - 1, s, rounding_mode="floor") + 1).clamp_min(0)
-
-
-def zero_outside(hidden_state: torch.Tensor, first: torch.Tensor, start: torch.Tensor | None = None,
-                 stop: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, C, T) with element t of item b set to 0 unless start[b] <= first + t < stop[b] (None: unbounded)."""
-    positions = first + torch.arange(hidden_state.shape[-1], device=hidden_state.device)
-    keep = torch.ones(hidden_state.shape[0], positions.shape[0], dtype=torch.bool, device=hidden_state.device)
-    if start is not None:
-        keep &= positions >= start.view(-1, 1)
-    if stop is not None:
-        keep &= positions < stop.view(-1, 1)
-    return torch.where(keep.unsqueeze(1), hidden_state, 0)
-
-
-class PaddedBatch:
-    """Flow of a right-padded batch: before each convolution, each item's input is zeroed beyond its own valid
-    length at that layer (the zero padding it would see alone), so its outputs over its own length equal
-    the item's alone. ``lengths`` (B,) valid lengths of the network's input; updated layer by layer."""
-
-    def __init__(self, lengths: torch.Tensor):
-        self.lengths = lengths
-
-    def conv(self, conv: nn.Conv1d, hidden_state: torch.Tensor) -> torch.Tensor:
-        out = conv_arithmetic(conv, zero_outside(hidden_state, 0, stop=self.lengths), conv.padding[0])
-        self.lengths = _output_lengths(conv, self.lengths)
-        return out
-
-    def conv_transpose(self, conv: nn.ConvTranspose1d, hidden_state: torch.Tensor) -> torch.Tensor:
-        out = conv_transpose_arithmetic(conv, zero_outside(hidden_state, 0, stop=self.lengths))
-        self.lengths = _output_lengths(conv, self.lengths)
-        return out
-
-    def skip(self, unit: nn.Module, hidden_state: torch.Tensor, length: int) -> torch.Tensor:
-        return hidden_state
-
-
-def conv_transpose_polyphase(conv: nn.ConvTranspose1d, hidden_state: torch.Tensor, packed: bool = False) -> torch.Tensor:
-    """``conv(hidden_state)`` for a transposed convolution with kernel 2s and stride s, computed as a regular
-    2-tap convolution into s * C_out phase channels followed by one interleaving copy.
-
-    torch's CPU ConvTranspose1d takes a slow im2col path plus copies; the regular convolution runs on
-    oneDNN. Output phase r of input frame q is sample s*q + r - padding: y = sum_c W[c, :, r] x[c, q] +
-    W[c, :, s + r] x[c, q - 1]. The phase weights are built once per weight version (``derived_from``; weights
-    made under torch.inference_mode are rebuilt at every call, dac_fast's loaders make ordinary tensors even
-    there). ``packed``: see ``packed_conv1d``.
-    """
-    s, p = conv.stride[0], conv.padding[0]
-    c_in, c_out, k = conv.weight.shape
-
-    def phase_weights():
-        weight = conv.weight.detach().view(c_in, c_out, 2, s).flip(2).permute(3, 1, 0, 2)
-        return weight.reshape(s * c_out, c_in, 2).contiguous(), conv.bias.detach().repeat(s)
-
-    cached = derived_from(conv, "_polyphase", [conv.weight, conv.bias], phase_weights)
-    if packed:  # (B, s * C_out, L + 1)
-        phases = packed_conv1d(conv, hidden_state, cached[0], cached[1], padding=1)
-    else:
-        phases = F.conv1d(hidden_state, cached[0], cached[1], padding=1)
-    batch, _, frames = phases.shape
-    length = (hidden_state.shape[-1] - 1) * s - 2 * p + k
-    out = phases.view(batch, s, c_out, frames).permute(0, 2, 3, 1).reshape(batch, c_out, frames * s)
-    return out[..., p : p + length]
-
-
-def _polyphase_applies(conv: nn.ConvTranspose1d, hidden_state: torch.Tensor) -> bool:
-    """On CPU, outside the pure-torch backend (which keeps the reference arithmetic bit for bit)."""
-    s = conv.stride[0]
-    return (hidden_state.device.type == "cpu" and ops.current_backend() != "torch"
-            and conv.kernel_size[0] == 2 * s and conv.groups == 1
-            and conv.dilation[0] == 1 and conv.output_padding[0] == 0 and conv.bias is not None)
 
 
 class DacEncoderBlock(nn.Module):
@@ -455,7 +228,7 @@ class DacResidualVectorQuantizer(nn.Module):
         """
         in_w, in_b, codebook, out_w, out_b = stacked if stacked is not None else self.stacked_parameters()
         batch, _, frames = hidden_state.shape
-        fold = batch == 1 and frames > 0 and _onednn_applies(hidden_state)
+        fold = batch == 1 and frames > 0 and onednn_applies(hidden_state)
         if fold:
             half = (frames + 1) // 2
             padded = F.pad(hidden_state, (0, 2 * half - frames), mode="replicate")
@@ -606,176 +379,6 @@ class DacEncoder(nn.Module):
             units = (block.res_unit1, block.res_unit2, block.res_unit3)
             hidden_state = conv_step(block.conv1, _residual_chain(units, hidden_state, block.snake1.alpha, flow), flow)
         return conv_step(self.conv2, self.snake1(hidden_state), flow)
-
-
-# ----------------------------------------------------------------------------- time tiles
-def encoder_reach(config: DacConfig) -> tuple[int, int]:
-    """(left, right): encoder output frame f depends on input samples f * hop_length - left through
-    f * hop_length + right, exactly (every layer is aligned: element t at a layer of r samples per element
-    sits at sample t * r)."""
-    left = right = 3  # conv1, k=7
-    rate = 1  # input samples per element at the current level
-    for s in config.downsampling_ratios:
-        left += 3 * (1 + 3 + 9) * rate  # three residual units, k=7, dilations 1, 3, 9
-        right += 3 * (1 + 3 + 9) * rate
-        p = math.ceil(s / 2)
-        # strided conv k=2s, padding p: output t reads inputs s*t - p .. s*t - p + 2s - 1
-        left += p * rate
-        right += (2 * s - 1 - p) * rate
-        rate *= s
-    return left + rate, right + rate  # conv2, k=3
-
-
-def decoder_reach(config: DacConfig) -> tuple[int, int]:
-    """(left, right): decoded sample i depends on the latent frames f with i - left <= f * hop_length <= i + right,
-    exactly.
-    ``right`` is the streaming decoder's delay in samples (``lookahead_samples``)."""
-    rate = config.hop_length  # output samples per element at the current level
-    left = right = 3 * rate  # conv1, k=7
-    for s in config.upsampling_ratios:
-        rate //= s
-        p = math.ceil(s / 2)
-        # transposed conv k=2s, padding p: output i reads inputs j with 0 <= i + p - s*j < 2s
-        left += (2 * s - 1 - p) * rate + 3 * (1 + 3 + 9) * rate
-        right += p * rate + 3 * (1 + 3 + 9) * rate
-    return left + 3, right + 3  # conv2, k=7
-
-
-def encoder_halo_frames(config: DacConfig) -> int:
-    """Frames of context on each side beyond which an encoder output frame does not depend on its input."""
-    return math.ceil(max(encoder_reach(config)) / config.hop_length) + 1
-
-
-def decoder_halo_frames(config: DacConfig) -> int:
-    """Latent frames of context on each side that a decoded sample depends on."""
-    return math.ceil(max(decoder_reach(config)) / config.hop_length) + 1
-
-
-def encoded_frames(config: DacConfig, n_samples: int) -> int:
-    """Latent frames the encoder produces for ``n_samples`` (ceil-free: a partial hop may add or drop one).
-    Also elementwise for an integer tensor of sample counts."""
-    length = n_samples
-    for s in config.downsampling_ratios:
-        length = (length + 2 * math.ceil(s / 2) - 2 * s) // s + 1
-    return length
-
-
-def decoded_length(config: DacConfig, n_frames: int) -> int:
-    """Samples the decoder produces for ``n_frames`` latent frames: n_frames * hop_length, less one sample per
-    odd-stride transposed convolution (transformers and the original have no output_padding). Also
-    elementwise for an integer tensor of frame counts."""
-    length = n_frames
-    for s in config.upsampling_ratios:
-        length = (length - 1) * s - 2 * math.ceil(s / 2) + 2 * s
-    return length
-
-
-def _tile_plan(batch: int, n_frames: int, tile_frames: int, halo: int):
-    """Split (batch, frames) work into pieces of about ``tile_frames`` item-frames.
-
-    Yields (items, start, stop, context_start, context_stop): a slice of batch items and a frame range
-    with its context. Short inputs are grouped several items to a piece; long ones go one item at a time
-    in time tiles, so the largest activation stays near ``tile_frames`` frames whatever the batch size.
-    """
-    if batch * n_frames <= tile_frames:
-        yield slice(0, batch), 0, n_frames, 0, n_frames
-        return
-    if n_frames <= tile_frames:
-        group = max(1, tile_frames // n_frames)
-        for b in range(0, batch, group):
-            yield slice(b, min(batch, b + group)), 0, n_frames, 0, n_frames
-        return
-    for b in range(batch):
-        for start in range(0, n_frames, tile_frames):
-            stop = min(n_frames, start + tile_frames)
-            yield slice(b, b + 1), start, stop, max(0, start - halo), min(n_frames, stop + halo)
-
-
-def run_tiled(fn, inputs: torch.Tensor, n_frames: int, in_per_frame: int, out_per_frame: int, out_length: int,
-              tile_frames: int, halo: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Apply a time-equivariant network ``fn`` (B, C, n_frames * in_per_frame) -> (B, C', out_length) piece
-    by piece (see ``_tile_plan``). ``halo`` frames of context beyond which outputs do not depend on inputs
-    make each piece's kept outputs equal the whole computation's to rounding. Output sample k of a piece
-    whose input starts at frame f is sample k + f * out_per_frame of the whole output. With ``lengths`` (B,)
-    (valid input lengths of a right-padded batch) ``fn`` is called as fn(piece, the piece's valid lengths)."""
-    out = None
-    for items, start, stop, ctx_start, ctx_stop in _tile_plan(inputs.shape[0], n_frames, tile_frames, halo):
-        # the last piece runs to the end of the input, so a partial last hop is seen as in the whole pass
-        end = None if ctx_stop == n_frames else ctx_stop * in_per_frame
-        piece = inputs[items, :, ctx_start * in_per_frame : end]
-        if lengths is None:
-            piece = fn(piece)
-        else:
-            piece = fn(piece, (lengths[items] - ctx_start * in_per_frame).clamp_min(0))
-        if out is None:
-            out = piece.new_empty(inputs.shape[0], piece.shape[1], out_length)
-        width = min(stop * out_per_frame, out_length) - start * out_per_frame
-        offset = (start - ctx_start) * out_per_frame
-        out[items, :, start * out_per_frame : start * out_per_frame + width] = piece[..., offset : offset + width]
-    return out
-
-
-# ----------------------------------------------------------------------------- input checks
-class DeviceChecks:
-    """The data-dependent input checks of one encode/decode call, read back from the device together.
-
-    Each check is a 0-d tensor computed where the input lives and a function of its Python value (that raises
-    on bad input, or returns the value the caller needs). On CPU it runs at once (no device to wait for); on
-    an accelerator ``run()`` brings all the queued values to the host in ONE transfer: that is the one host
-    synchronisation encode/decode make for their input checks on CUDA (a separate ``.item()``, ``bool()`` or
-    ``.tolist()`` per check would wait for the GPU each time). Error messages that quote values read them on
-    the error path only. Under torch.compile/export ``require`` checks nothing (data-dependent: eager calls only)."""
-
-    def __init__(self):
-        self._pending = []
-
-    def value(self, tensor: torch.Tensor, check=lambda v: v) -> list:
-        """Queue ``check(tensor's value)``; the returned list holds its result once it has run."""
-        result = []
-        tensor = tensor.reshape(())
-        if tensor.device.type == "cpu" or torch.compiler.is_compiling():
-            result.append(check(tensor.item()))
-        else:
-            self._pending.append((tensor, check, result))
-        return result
-
-    def require(self, ok: torch.Tensor, message, error=ValueError) -> None:
-        """Queue: raise ``error(message)`` unless ``ok`` (a 0-d bool tensor); ``message`` a string or a function
-        returning one (called only to raise)."""
-        if torch.compiler.is_compiling():
-            return
-
-        def check(value):
-            if not value:
-                raise error(message if isinstance(message, str) else message())
-
-        self.value(ok, check)
-
-    def run(self) -> None:
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        device = pending[0][0].device
-        # flags and small integers: exact in float32 (which every accelerator has)
-        values = torch.stack([t.to(device, torch.float32) for t, _, _ in pending]).tolist()  # the one sync
-        for value, (_, check, result) in zip(values, pending):
-            result.append(check(value))
-
-
-def _check_audio(input_values: torch.Tensor, checks: DeviceChecks) -> torch.Tensor:
-    """The audio, checked (its values by ``checks``); integer PCM scaled to [-1, 1) as the feature extractor
-    does."""
-    if not isinstance(input_values, torch.Tensor):
-        raise TypeError(f"input_values must be a torch.Tensor of shape (batch, 1, samples), got {type(input_values).__name__}")
-    if input_values.dim() != 3 or input_values.shape[1] != 1:
-        raise ValueError(
-            f"input_values must have shape (batch, 1, samples) (mono audio), got {tuple(input_values.shape)}"
-        )
-    input_values = pcm_to_float(input_values, "input_values")
-    if input_values.shape[0] == 0 or input_values.shape[-1] == 0:
-        raise ValueError(f"input_values is empty: shape {tuple(input_values.shape)}")
-    checks.require(torch.isfinite(input_values).all(), "input_values contains NaN or Inf samples")
-    return input_values
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
@@ -986,7 +589,7 @@ class DacModel(PreTrainedConveniences, nn.Module):
         use (see ``_graphed``); the codes are identical to ``cuda_graphs=False``.
         """
         checks = DeviceChecks()
-        input_values = _check_audio(input_values, checks).to(self.dtype)  # float64 numpy audio, or fp32 audio into a bf16 model
+        input_values = check_audio(input_values, checks).to(self.dtype)  # float64 numpy audio, or fp32 audio into a bf16 model
         queued_n_quantizers = None
         if isinstance(n_quantizers, torch.Tensor) and n_quantizers.numel() == 1:
             queued_n_quantizers = checks.value(n_quantizers, int)  # its value is read with the other checks
@@ -1143,7 +746,7 @@ class DacModel(PreTrainedConveniences, nn.Module):
         so no copy of the old weights outlives the move."""
         for module in self.modules():
             module.__dict__.pop("_derived", None)
-            _PACKED_WEIGHTS.pop(module, None)
+            PACKED_WEIGHTS.pop(module, None)
         _CUDA_GRAPHS.pop(self, None)
 
     def _apply(self, fn, *args, **kwargs):

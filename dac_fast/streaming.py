@@ -13,13 +13,13 @@ once and what they return equals the offline computation:
 
 The state lives in a ``LayerStreams`` keyed by module name and owned by the streaming object, so several
 streaming objects can drive one model at once. ``DacEncoder.inference`` / ``DacDecoder.inference`` take it
-as their ``flow`` (see ``modeling.conv_step``); offline they run with ``flow=None``.
+as their ``flow`` (see ``convolution.conv_step``); offline they run with ``flow=None``.
 
 Exactness: the decoder's concatenated output equals ``model.decode(audio_codes=whole).audio_values`` to fp32
 rounding (max abs difference below 1e-5: its large convolutions run on packed weights, see
-``modeling.packed_conv1d``, whose bits differ from the offline path's at rounding level); the encoder's codes are
+``convolution.packed_conv1d``, whose bits differ from the offline path's at rounding level); the encoder's codes are
 identical to ``model.encode(whole).audio_codes`` on CPU in fp32 (oneDNN convolutions give every element the
-same bits whatever window it is computed in; see ``modeling.conv_arithmetic``).
+same bits whatever window it is computed in; see ``convolution.conv_arithmetic``).
 """
 
 from __future__ import annotations
@@ -31,16 +31,9 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .modeling import (
-    DacModel,
-    conv_arithmetic,
-    conv_transpose_polyphase,
-    decoder_reach,
-    encoded_frames,
-    encoder_reach,
-    tensors_key,
-    zero_outside,
-)
+from .convolution import conv_arithmetic, conv_transpose_polyphase, zero_outside
+from .tiles import decoder_reach, encoded_frames, encoder_reach
+from .weight_cache import tensors_key
 
 
 class LayerStreams:
@@ -50,7 +43,7 @@ class LayerStreams:
     restarted stream's start at each layer). ``starts`` (B,): the frame at which each stream's current
     request began (None until a stream is restarted alone); inputs before it are zeroed at every layer, which
     is the zero padding that request would see alone. ``packed``: the large convolutions run on weights packed
-    once (``modeling.packed_conv1d``: faster for short windows, equal to the offline bits only to rounding).
+    once (``convolution.packed_conv1d``: faster for short windows, equal to the offline bits only to rounding).
     """
 
     def __init__(self, root: nn.Module, batch_size: int, elements_per_frame: dict[str, int], packed: bool = False):
@@ -263,7 +256,7 @@ class _StepGraphs:
 class StreamingDecoder:
     """Decode ``batch_size`` independent code streams as their frames arrive; see ``DacModel.streaming_decoder``."""
 
-    def __init__(self, model: DacModel, batch_size: int = 1, cuda_graphs: bool = False):
+    def __init__(self, model, batch_size: int = 1, cuda_graphs: bool = False):
         self.model = model
         self.config = model.config
         self.batch_size = _check_batch_size(batch_size)
@@ -370,7 +363,7 @@ class StreamingDecoder:
 class StreamingEncoder:
     """Encode ``batch_size`` audio streams as their samples arrive; see ``DacModel.streaming_encoder``."""
 
-    def __init__(self, model: DacModel, batch_size: int = 1, n_quantizers: int | None = None):
+    def __init__(self, model, batch_size: int = 1, n_quantizers: int | None = None):
         self.model = model
         self.config = model.config
         self.batch_size = _check_batch_size(batch_size)

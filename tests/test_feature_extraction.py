@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dac_fast import DacConfig, DacFeatureExtractor, DacModel
 from dac_fast.loading import randomize_
-from dac_fast.modeling import encoded_frames
+from dac_fast.tiles import encoded_frames
 from tests.reference import hf_config, synth_audio
 
 # A small model of the real structure (hop 40) for the encode checks that do not need the real shapes.

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from dac_fast import DacConfig, DacFeatureExtractor, DacModel
-from dac_fast.modeling import _PACKED_WEIGHTS as packed_weights
-from dac_fast.modeling import decoded_length, decoder_reach, encoded_frames, encoder_reach
+from dac_fast.convolution import PACKED_WEIGHTS as packed_weights
+from dac_fast.tiles import decoded_length, decoder_reach, encoded_frames, encoder_reach
 from tests.reference import model_pair, synth_audio
 
 ATOL = 1e-5  # decoded audio lies in [-1, 1] (tanh)
