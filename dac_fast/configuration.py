@@ -8,7 +8,7 @@ import math
 import os
 from typing import Any
 
-CONFIG_NAME = "config.json"
+from .hub import CONFIG_NAME
 
 # Keys transformers writes into config.json that describe nothing we need (or are stale, like
 # the hop_length of 512 some hub files carry for 16/24 kHz models): read and ignored.
@@ -187,12 +187,12 @@ class DacConfig:
         """Read ``config.json`` from a directory, a hub id or the file itself. ``subfolder`` and the hub arguments
         (``revision``, ``cache_dir``, ``local_files_only``, ``force_download``, ``token``) as in transformers;
         other keyword arguments override fields."""
-        from .loading import HUB_KWARGS, _resolve_directory
+        from .hub import HUB_KWARGS, resolve_directory
 
         path = os.fspath(pretrained_model_name_or_path)
         hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
         if not os.path.isfile(path):
-            path = os.path.join(_resolve_directory(path, **hub_kwargs), CONFIG_NAME)
+            path = os.path.join(resolve_directory(path, **hub_kwargs), CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r}")
         with open(path, encoding="utf-8") as f:

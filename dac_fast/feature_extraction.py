@@ -13,7 +13,7 @@ from .configuration import CONFIG_NAME, DacConfig, hop_length_for_rate
 from .features import BatchFeature, _check_tensor_type, pad_features, padding_strategy
 from .hub import push_saved
 from .hub import save_directory as directory_for
-from .loading import HUB_KWARGS, PREPROCESSOR_NAME, _resolve_directory
+from .hub import HUB_KWARGS, PREPROCESSOR_NAME, resolve_directory
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class DacFeatureExtractor:
         hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isfile(path):
-            directory = _resolve_directory(path, **hub_kwargs)
+            directory = resolve_directory(path, **hub_kwargs)
             path = os.path.join(directory, PREPROCESSOR_NAME)
             if not os.path.isfile(path) and os.path.isfile(os.path.join(directory, CONFIG_NAME)):
                 return cls.from_config(DacConfig.from_pretrained(directory), **kwargs)

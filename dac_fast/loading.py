@@ -15,11 +15,8 @@ import torch
 import torch.nn as nn
 
 from .configuration import CONFIG_NAME, TRANSFORMERS_FIELDS, DacConfig
+from .hub import SAFETENSORS_NAME, TORCH_WEIGHTS_NAME, check_hub_kwargs, resolve_directory
 
-SAFETENSORS_NAME = "model.safetensors"
-TORCH_WEIGHTS_NAME = "pytorch_model.bin"
-PREPROCESSOR_NAME = "preprocessor_config.json"
-_HUB_FILES = [CONFIG_NAME, SAFETENSORS_NAME, TORCH_WEIGHTS_NAME, PREPROCESSOR_NAME]
 
 # The three ways a weight-normalized convolution's weight is stored: (magnitude g, direction v) suffixes.
 _WEIGHT_NORM_STYLES = (
@@ -145,39 +142,6 @@ def load_original(cls, path, *, device=None, dtype=None, backend=None, weights_o
 
 
 # ----------------------------------------------------------------------------- transformers checkpoints
-def _resolve_directory(path_or_id, subfolder: str = "", **hub_kwargs) -> str:
-    """The local directory holding a checkpoint: ``path_or_id`` itself or a hub id's snapshot, then ``subfolder``
-    inside it (transformers' argument for a model stored below the repository root)."""
-    path = os.fspath(path_or_id)
-    if os.path.isdir(path):
-        directory = os.path.join(path, subfolder)
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"subfolder {subfolder!r} does not exist in {path!r}")
-        return directory
-    if os.path.exists(path):
-        raise ValueError(f"{path!r} is a file; from_pretrained expects a directory or hub id "
-                         "(use DacModel.from_original for a .pth)")
-    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", path):
-        raise FileNotFoundError(f"{path!r} is neither a local directory nor a hub id like 'descript/dac_16khz'")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:
-        raise FileNotFoundError(
-            f"{path!r} is not a local directory, and huggingface_hub is not installed to fetch it "
-            "(pip install 'dac-fast[hub]', or download the model and pass its directory)"
-        ) from exc
-    errors = []
-    patterns = [f"{subfolder}/{name}" if subfolder else name for name in _HUB_FILES]
-    # the local cache first, then (unless local_files_only) the network
-    for local_only in (True,) if hub_kwargs.pop("local_files_only", False) else (True, False):
-        try:
-            snapshot = snapshot_download(path, allow_patterns=patterns, local_files_only=local_only, **hub_kwargs)
-            return os.path.join(snapshot, subfolder)
-        except Exception as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-    raise FileNotFoundError(f"could not find {path!r} in the Hugging Face cache or on the hub: {errors[-1]}")
-
-
 def load_state_dict_file(directory: str) -> dict[str, torch.Tensor]:
     st = os.path.join(directory, SAFETENSORS_NAME)
     pt = os.path.join(directory, TORCH_WEIGHTS_NAME)
@@ -188,21 +152,6 @@ def load_state_dict_file(directory: str) -> dict[str, torch.Tensor]:
     if os.path.isfile(pt):
         return torch.load(pt, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"no {SAFETENSORS_NAME} or {TORCH_WEIGHTS_NAME} in {directory!r}")
-
-
-# Keyword arguments passed on to huggingface_hub.snapshot_download for hub ids (ignored for directories).
-HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download", "proxies", "subfolder")
-
-
-def check_hub_kwargs(hub_kwargs: Mapping, caller: str = "from_pretrained") -> None:
-    """A TypeError naming every keyword argument that is neither ours nor huggingface_hub's (transformers'
-    spellings we do not support would otherwise be ignored silently)."""
-    unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
-    if unknown:
-        raise TypeError(
-            f"{caller}() got unexpected keyword arguments {unknown}; it accepts device, dtype (or torch_dtype), "
-            f"device_map, backend, config, state_dict, output_loading_info and the hub arguments {list(HUB_KWARGS)}"
-        )
 
 
 def resolve_dtype(dtype, torch_dtype=None, *, checkpoint_dtype=None):
@@ -284,7 +233,7 @@ def load_pretrained(cls, path_or_id=None, *, device=None, dtype=None, torch_dtyp
     if path_or_id is None and (config is None or state_dict is None):
         raise ValueError("from_pretrained(None, ...) needs both config= and state_dict=; otherwise pass a "
                          "directory or hub id")
-    directory = None if path_or_id is None else _resolve_directory(path_or_id, **hub_kwargs)
+    directory = None if path_or_id is None else resolve_directory(path_or_id, **hub_kwargs)
     config = DacConfig.from_pretrained(directory) if config is None else as_config(config)
     stored = load_state_dict_file(directory) if state_dict is None else state_dict
     dtype = resolve_dtype(dtype, torch_dtype,

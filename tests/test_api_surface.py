@@ -12,7 +12,8 @@ import pytest
 import dac_fast
 from dac_fast.configuration import _IGNORED_KEYS
 from dac_fast.hub import PUSH_KWARGS
-from dac_fast.loading import HUB_KWARGS, load_pretrained, save_pretrained
+from dac_fast.hub import HUB_KWARGS
+from dac_fast.loading import load_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 
