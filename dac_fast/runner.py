@@ -41,13 +41,14 @@ class Report:
     skipped: list = field(default_factory=list)  # (input, output) pairs already complete
     redone: list = field(default_factory=list)  # Failure-like (input, why its existing output was not trusted)
     failures: list = field(default_factory=list)  # Failure
+    stopped: str = ""  # why the run stopped before every input was tried (a full disk), else ""
     audio_seconds: float = 0.0  # audio processed this run (original duration)
     wall_seconds: float = 0.0
     model_seconds: float = 0.0  # time inside model.encode/decode
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and not self.stopped
 
     @property
     def files_per_second(self) -> float:
@@ -75,6 +76,8 @@ class Report:
         else:
             counts += f"; {self.audio_seconds:.2f} s of audio in {self.wall_seconds:.2f} s"
         lines = [counts]
+        if self.stopped:
+            lines.append(f"stopped early: {self.stopped}; inputs not tried are left for the next run")
         if self.redone:
             lines.append(f"redone ({len(self.redone)}):")
             lines += [f"  {f}" for f in self.redone]
@@ -87,7 +90,7 @@ class Report:
         return {
             "task": self.task, "written": len(self.done), "skipped": len(self.skipped),
             "redone": [{"path": f.path, "reason": f.reason} for f in self.redone],
-            "failed": [{"path": f.path, "reason": f.reason} for f in self.failures],
+            "failed": [{"path": f.path, "reason": f.reason} for f in self.failures], "stopped": self.stopped,
             "audio_seconds": self.audio_seconds, "wall_seconds": self.wall_seconds,
             "model_seconds": self.model_seconds, "files_per_second": self.files_per_second,
             "speed_x_realtime": self.speed, "rtf": self.realtime_factor,
@@ -271,7 +274,7 @@ class _WriteQueue:
     def _done(self, fut, item):
         self.slots.release()
         if fut.cancelled():
-            self.on_done(item, None, RuntimeError("cancelled"))
+            self.on_done(item, None, cf.CancelledError())
         else:
             exc = fut.exception()
             self.on_done(item, None if exc else fut.result(), exc)
@@ -311,19 +314,27 @@ def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers
     workers = max(1, int(workers))
     lock = threading.Lock()
 
+    def write(item: _Item, result):
+        log.claim(item.out)  # before the file appears: a run killed before its record still knows it as ours
+        return write_fn(item, result)
+
     def on_written(item: _Item, holds, exc):
         duration = item.meta.get("duration", 0.0)
         if exc is None:
             try:
                 log.add(item.src, item.out, holds)
-            except OSError as e:  # the output is fine; only its record is missing (redone next run)
+            except OSError as e:  # the output is fine; only its record is missing (its claim vouches for it)
                 exc = e
         with lock:
             if exc is None:
                 report.done.append((str(item.src), str(item.out)))
                 report.audio_seconds += duration
+            elif report.stopped and isinstance(exc, cf.CancelledError):
+                pass  # never started: left for the next run, like the inputs never read
             else:
-                report.failures.append(Failure(str(item.src), f"write failed: {exc}"))
+                report.failures.append(Failure(str(item.src), _write_failure(item, exc)))
+                if isinstance(exc, OSError) and exc.errno in aio.DISK_FULL and not report.stopped:
+                    report.stopped = f"{aio.os_reason(exc)} writing {item.out}"  # every later write would fail too
             prog.update(1, duration if exc is None else 0.0)
 
     def on_model_failure(item: _Item, exc):
@@ -332,7 +343,7 @@ def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers
 
     prefetch = _Prefetcher(jobs, load_fn, size_fn, workers, window=max(2 * workers, 2 * batch_size),
                            memory_budget=memory_budget)
-    writes = _WriteQueue(write_fn, max(1, min(4, workers)), max(4, 2 * batch_size), on_written)
+    writes = _WriteQueue(write, max(1, min(4, workers)), max(4, 2 * batch_size), on_written)
     bucketer = _Bucketer(batch_size, exact, max_pending=4 * max(1, batch_size))
 
     def run_batch(batch: list[_Item]):
@@ -345,7 +356,7 @@ def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers
         prefetch.release(batch)
 
     try:
-        while True:
+        while not report.stopped:
             got = prefetch.next()
             if got is None:
                 break
@@ -363,7 +374,7 @@ def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers
                 continue
             for batch in bucketer.add(item):
                 run_batch(batch)
-        for batch in bucketer.flush():
+        for batch in [] if report.stopped else bucketer.flush():
             run_batch(batch)
     except BaseException:
         # Ctrl-C / SIGTERM / fatal error: stop reading, let in-flight writes finish atomically
@@ -371,6 +382,12 @@ def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers
         writes.shutdown(cancel=True)
         prog.close()
         raise
-    prefetch.shutdown(wait=True)
-    writes.shutdown()
+    prefetch.shutdown(wait=not report.stopped)
+    writes.shutdown(cancel=bool(report.stopped))
     prog.close()
+
+
+def _write_failure(item: _Item, exc: BaseException) -> str:
+    if isinstance(exc, OSError):  # the temporary is gone (atomic_path): no partial output is left
+        return f"write failed: {aio.os_reason(exc)} ({item.out}); no partial output left"
+    return f"write failed: {type(exc).__name__}: {exc}"
