@@ -28,9 +28,10 @@ the model supports it); this module never windows the model itself.
 
 No lost work, no wrong work: outputs are written to a temporary file in the output directory and
 renamed; a re-run skips outputs whose record matches (same model and settings, unchanged source,
-output intact) and redoes the others; bad inputs are reported (path + reason) and skipped;
-Ctrl-C / SIGTERM finishes in-flight writes and removes temporaries. Mistakes in the arguments
-raise :class:`UserError` before any model is loaded.
+output intact) and redoes the ones it knows as its own; a file the tools did not write is never
+replaced without ``overwrite`` (``dac_fast.resume``); bad inputs are reported (path + reason) and
+skipped; a full disk stops the run; Ctrl-C / SIGTERM finishes in-flight writes and removes
+temporaries. Mistakes in the arguments raise :class:`UserError` before any model is loaded.
 """
 
 from __future__ import annotations

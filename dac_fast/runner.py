@@ -307,25 +307,28 @@ def _load_failure(job, exc) -> Failure:
     return Failure(str(job[0]), f"{type(exc).__name__}: {exc}")
 
 
-def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers, exact, progress,
-         log: OutputLog, size_fn=None, memory_budget=2 << 30):
-    """Prefetch -> bucket -> model (with fallback) -> write queue -> record, in input order."""
-    prog = _Progress(len(jobs), task, progress)
-    workers = max(1, int(workers))
-    lock = threading.Lock()
+class _Outcomes:
+    """Where each item of a run ends up, in the report and the output record: written (claimed before its
+    file appears, recorded after), failed (load, model or write), or left for the next run once a full disk
+    stopped the run. Called from the main loop and the writer threads."""
 
-    def write(item: _Item, result):
-        log.claim(item.out)  # before the file appears: a run killed before its record still knows it as ours
-        return write_fn(item, result)
+    def __init__(self, report: Report, log: OutputLog, write_fn, progress: _Progress):
+        self.report, self.log, self.write_fn, self.progress = report, log, write_fn, progress
+        self.lock = threading.Lock()
 
-    def on_written(item: _Item, holds, exc):
+    def write(self, item: _Item, result):
+        self.log.claim(item.out)  # before the file appears: a run killed before its record still knows it as ours
+        return self.write_fn(item, result)
+
+    def written(self, item: _Item, holds, exc):
         duration = item.meta.get("duration", 0.0)
         if exc is None:
             try:
-                log.add(item.src, item.out, holds)
+                self.log.add(item.src, item.out, holds)
             except OSError as e:  # the output is fine; only its record is missing (its claim vouches for it)
                 exc = e
-        with lock:
+        report = self.report
+        with self.lock:
             if exc is None:
                 report.done.append((str(item.src), str(item.out)))
                 report.audio_seconds += duration
@@ -335,20 +338,31 @@ def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers
                 report.failures.append(Failure(str(item.src), _write_failure(item, exc)))
                 if isinstance(exc, OSError) and exc.errno in aio.DISK_FULL and not report.stopped:
                     report.stopped = f"{aio.os_reason(exc)} writing {item.out}"  # every later write would fail too
-            prog.update(1, duration if exc is None else 0.0)
+            self.progress.update(1, duration if exc is None else 0.0)
 
-    def on_model_failure(item: _Item, exc):
-        report.failures.append(Failure(str(item.src), f"model failed: {type(exc).__name__}: {exc}"))
-        prog.update(1, 0.0)
+    def failed(self, failure: Failure):
+        with self.lock:
+            self.report.failures.append(failure)
+            self.progress.update(1, 0.0)
 
+    def model_failed(self, item: _Item, exc: Exception):
+        self.failed(Failure(str(item.src), f"model failed: {type(exc).__name__}: {exc}"))
+
+
+def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers, exact, progress,
+         log: OutputLog, size_fn=None, memory_budget=2 << 30):
+    """Prefetch -> bucket -> model (with fallback) -> write queue -> record, in input order."""
+    prog = _Progress(len(jobs), task, progress)
+    workers = max(1, int(workers))
+    outcomes = _Outcomes(report, log, write_fn, prog)
     prefetch = _Prefetcher(jobs, load_fn, size_fn, workers, window=max(2 * workers, 2 * batch_size),
                            memory_budget=memory_budget)
-    writes = _WriteQueue(write, max(1, min(4, workers)), max(4, 2 * batch_size), on_written)
+    writes = _WriteQueue(outcomes.write, max(1, min(4, workers)), max(4, 2 * batch_size), outcomes.written)
     bucketer = _Bucketer(batch_size, exact, max_pending=4 * max(1, batch_size))
 
     def run_batch(batch: list[_Item]):
         t = time.perf_counter()
-        results = run_with_fallback(model_fn, batch, on_model_failure)
+        results = run_with_fallback(model_fn, batch, outcomes.model_failed)
         report.model_seconds += time.perf_counter() - t
         for it, res in results:
             it.rows = None  # free input memory early
@@ -369,8 +383,7 @@ def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers
                 continue
             job, item, exc = got
             if exc is not None:
-                report.failures.append(_load_failure(job, exc))
-                prog.update(1, 0.0)
+                outcomes.failed(_load_failure(job, exc))
                 continue
             for batch in bucketer.add(item):
                 run_batch(batch)

@@ -237,7 +237,13 @@ def _prepare_output(output: Path, model, seed, dtype, n_quantizers, normalize_db
             "normalize_db": normalize_db, "model": spec if isinstance(spec, str) else type(spec).__name__}
     info_path = output / RUN_INFO
     if info_path.exists():
-        prev = json.loads(info_path.read_text())
+        try:
+            prev = json.loads(info_path.read_text())
+        except ValueError:
+            prev = None
+        if not isinstance(prev, dict) or "model_sample_rate" not in prev:
+            raise ValueError(f"{info_path} exists and dac-fast did not write it; not replaced: use another "
+                             "output directory")
         diff = {k: (prev.get(k), info[k]) for k in ("model_sample_rate", "hop_length", "n_codebooks", "n_quantizers",
                                                     "normalize_db") if prev.get(k) != info[k]}
         if diff and shard_files(output):
