@@ -152,11 +152,16 @@ def check_model_spec(spec: Any) -> None:
 def _check_model_dir(directory: Path) -> None:
     from .loading import CONFIG_NAME, SAFETENSORS_NAME, TORCH_WEIGHTS_NAME
 
-    if not (directory / CONFIG_NAME).exists():
+    if aio.open_problem(directory / CONFIG_NAME) == "no such file":
         raise UserError(f"{directory} is not a model directory: it has no {CONFIG_NAME}", "model")
+    _check_readable(directory / CONFIG_NAME)  # also a folder the user may not enter
     if not any((directory / name).exists() for name in (SAFETENSORS_NAME, TORCH_WEIGHTS_NAME)):
         raise UserError(f"{directory} holds no model weights ({SAFETENSORS_NAME} or {TORCH_WEIGHTS_NAME})", "model")
-    for q in identity_files(directory):  # every file the run reads before loading (resume's model identity)
+    try:
+        files = identity_files(directory)  # every file the run reads before loading (resume's model identity)
+    except OSError as exc:
+        raise UserError(f"cannot list {directory}: {aio.os_reason(exc)}", "model") from None
+    for q in files:
         _check_readable(q)
 
 

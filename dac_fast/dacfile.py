@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import PathLike, atomic_write, atomic_write_text, open_problem
+from .io import PathLike, atomic_write, atomic_write_text, open_problem, os_reason
 
 DAC_VERSION = "1.0.0"
 SUPPORTED_VERSIONS = ("1.0.0",)
@@ -343,7 +343,9 @@ class DacFile:
             raise DacFileError(f"{p}: unreadable metadata ({exc})") from None
         try:
             codes = np.load(p.with_name(meta["codes_file"]), allow_pickle=False)
-        except (OSError, ValueError, KeyError) as exc:
+        except OSError as exc:
+            raise DacFileError(f"{p}: its codes file {meta['codes_file']}: {os_reason(exc)}") from None
+        except (ValueError, KeyError) as exc:
             raise DacFileError(f"{p}: unreadable codes ({exc})") from None
         known = ("input_db", "original_length", "sample_rate", "chunk_length", "channels", "padding", "dac_version")
         extra = {k: v for k, v in meta.items() if k not in known and k not in ("codes_file", "codes_shape", "codes_dtype")}

@@ -350,6 +350,12 @@ def restore_after_decoding(
 # ----------------------------------------------------------------------------------------------
 # atomic writes
 # ----------------------------------------------------------------------------------------------
+def give_normal_permissions(path: PathLike) -> None:
+    """Mode 0666 less the umask, as ``open`` would create the file: writers that create files 0600
+    (mkstemp, safetensors) would leave them unreadable to the other users of a shared directory."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success ``os.replace`` it onto ``path``.
@@ -367,7 +373,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_file(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give outputs normal permissions
+        give_normal_permissions(tmp)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .configuration import CONFIG_NAME, TRANSFORMERS_FIELDS, DacConfig
+from .io import give_normal_permissions
 
 SAFETENSORS_NAME = "model.safetensors"
 TORCH_WEIGHTS_NAME = "pytorch_model.bin"
@@ -327,6 +328,7 @@ def save_pretrained(model, directory) -> None:
     model.config.save_pretrained(directory)
     state_dict = {k: v.detach().contiguous().cpu() for k, v in fold_weight_norm(model.state_dict()).items()}
     save_file(state_dict, os.path.join(directory, SAFETENSORS_NAME), metadata={"format": "pt"})
+    give_normal_permissions(os.path.join(directory, SAFETENSORS_NAME))  # safetensors writes 0600
     from .feature_extraction import DacFeatureExtractor
 
     DacFeatureExtractor.from_config(model.config).save_pretrained(directory)

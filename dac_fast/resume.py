@@ -13,7 +13,7 @@ On a re-run, an existing output is
   output still has the recorded size and reads back with the recorded shape;
 * redone when its source changed or it is damaged (unreadable, another shape) at its recorded size,
   or when a run was killed between writing it and recording it (a "claim" line, written before each
-  output, vouches for a file at least as new as the claim);
+  output and withdrawn when a run ends without it, vouches for a file at least as new as the claim);
 * not ours, a failure of that input, when nothing records or claims it (the user's file, or any file
   that happens to have the output's name) or it no longer has the size it was written with: a file
   the tools did not write is never replaced without ``overwrite``;
@@ -25,6 +25,7 @@ On a re-run, an existing output is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -119,6 +120,7 @@ class OutputLog:
         self.setups: dict[str, dict] = {}
         self.records: dict[str, dict] = {}
         self.claims: dict[str, int] = {}  # output -> when a run started writing it (ns), not yet recorded
+        self._open_claims: set[str] = set()  # this run's claims without a record yet
         self._lock = threading.Lock()
         self._file = None
         self._read()
@@ -140,6 +142,8 @@ class OutputLog:
                         self.claims.pop(rec["output"], None)
                     elif "claim" in rec:
                         self.claims[rec["claim"]] = int(rec.get("at", 0))
+                    elif "unclaim" in rec:
+                        self.claims.pop(rec["unclaim"], None)
         except FileNotFoundError:
             return
         if lines > len(self.records) + len(self.setups) + len(self.claims):
@@ -192,11 +196,15 @@ class OutputLog:
         """Note that this run is about to write ``out``: should it be killed before :meth:`add`, the next run
         knows the file at ``out`` (if at least as new as this note) as its own."""
         self._append({"claim": self._rel(out), "at": time.time_ns()})
+        with self._lock:
+            self._open_claims.add(self._rel(out))
 
     def add(self, src: Path, out: Path, holds: dict) -> None:
         """Record a finished output (called after its atomic rename)."""
         rec = {"output": self._rel(out), "size": os.stat(out).st_size, "holds": holds,
                "source": file_stamp(src), "setup": self.key}
+        with self._lock:  # should the record fail to be written, the claim stays: it still vouches for the file
+            self._open_claims.discard(rec["output"])
         self._append(rec)
         with self._lock:
             self.records[rec["output"]] = rec
@@ -219,6 +227,12 @@ class OutputLog:
             self._file.flush()
 
     def close(self) -> None:
+        """Withdraw this run's claims that got no record (their writes failed or never ran: no file of ours is
+        there), so that only a killed run leaves claims behind."""
+        with contextlib.suppress(OSError):  # a full disk: the claims stay, vouching only for files newer than them
+            for rel in sorted(self._open_claims):
+                self._append({"unclaim": rel})
+        self._open_claims.clear()
         with self._lock:
             if self._file is not None:
                 self._file.close()

@@ -232,6 +232,9 @@ def _nobody_runner():
 
 
 def test_unreadable_files_are_one_line_errors_as_a_non_root_user(ckpt, pair):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((ckpt / "model.safetensors").stat().st_mode) == 0o666 & ~umask  # safetensors' 0600 undone
     prefix = _nobody_runner()
     if prefix is None:
         pytest.skip("running as root without setpriv: cannot drop privileges to test permissions")
@@ -276,6 +279,11 @@ def test_missing_and_directory_inputs_say_so(tmp_path):
         assert ei.value.reason == reason and str(ei.value) == f"{path}: {reason}"
     with pytest.raises(DacFileError, match=r"gone\.dac: no such file$"):
         DacFile.load(tmp_path / "gone.dac")
+    codes_file, meta = DacFile(codes=np.zeros((1, 3, 2), np.uint16), input_db=[-20.0], original_length=32,
+                               sample_rate=16000, chunk_length=2, channels=1).save_npy(tmp_path / "pair")
+    codes_file.unlink()
+    with pytest.raises(DacFileError, match=r"pair\.json: its codes file pair\.codes\.npy: no such file$"):
+        load_any(meta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +292,7 @@ def test_missing_and_directory_inputs_say_so(tmp_path):
 def test_full_disk_removes_the_partial_output_and_stops(tmp_path, pair, monkeypatch):
     hf, model = pair
     src = tmp_path / "in"
-    n = 8
+    n = 6
     for i in range(n):
         _wav(src / f"f{i}.wav", 0.05 + 0.011 * i, seed=40 + i)
     out = tmp_path / "out"
@@ -473,12 +481,15 @@ def test_a_claim_vouches_only_for_files_written_after_it(tmp_path):
     old = tmp_path / "old.dac"
     old.write_bytes(b"theirs")
     os.utime(old, ns=(1, 10**9))  # 1970: long before any claim
+    new = tmp_path / "new.dac"
     log = OutputLog(tmp_path, setup)
-    for out in (tmp_path / "new.dac", old):
+    for out in (new, old):
         log.claim(out)
-    (tmp_path / "new.dac").write_bytes(b"ours, not recorded yet")
-    log.close()  # killed here: no record lines
-    log = OutputLog(tmp_path, setup)
-    assert log.verdict(src, tmp_path / "new.dac", lambda *a: None, [tmp_path / "new.dac"])[0] == "redo"
-    verdict, why = log.verdict(src, old, lambda *a: None, [old])
+    new.write_bytes(b"ours, not recorded yet")
+    # killed here: neither a record nor close()
+    after_kill = OutputLog(tmp_path, setup)
+    assert after_kill.verdict(src, new, lambda *a: None, [new])[0] == "redo"
+    verdict, why = after_kill.verdict(src, old, lambda *a: None, [old])
     assert verdict == "not ours" and f"nothing in {RECORD_FILE} records it" in why
+    log.close()  # a run that ends withdraws the claims it did not record: they vouch for nothing after it
+    assert OutputLog(tmp_path, setup).verdict(src, new, lambda *a: None, [new])[0] == "not ours"
