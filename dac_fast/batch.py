@@ -36,6 +36,7 @@ temporaries. Mistakes in the arguments raise :class:`UserError` before any model
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import inspect
 import itertools
@@ -459,15 +460,26 @@ def companion_files(out: Path) -> list[Path]:
 
 def refuse_outputs_onto_inputs(pairs) -> None:
     """A :class:`UserError` (argument ``output_dir``) when an output of ``[(input, output)]`` would be
-    any input itself (through a link too), whatever ``overwrite`` says: a run never replaces its own
-    input."""
-    inputs = {os.path.realpath(src): src for src, _ in pairs}
+    any input itself (a symbolic or hard link too: same file), whatever ``overwrite`` says: a run never
+    replaces its own input."""
+    inputs = {}
+    for src, _ in pairs:
+        with contextlib.suppress(OSError):  # an input gone since it was listed fails later, alone
+            inputs[_file_identity(src)] = src
     for src, out in pairs:
         for p in (out, *companion_files(Path(out))):
-            hit = inputs.get(os.path.realpath(p))
+            try:
+                hit = inputs.get(_file_identity(p))
+            except OSError:  # nothing there yet
+                continue
             if hit is not None:
                 raise UserError(f"the output of {src} would be {p}, which is the input {hit}; nothing was "
                                 "done: choose another output directory", "output_dir")
+
+
+def _file_identity(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def output_collisions(pairs) -> tuple[list, list[Failure]]:

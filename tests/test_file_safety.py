@@ -145,16 +145,19 @@ def test_a_foreign_file_at_an_output_path_is_a_per_file_error(tmp_path, pair):
 
 
 def test_an_output_that_is_an_input_is_refused_whatever_the_flags(tmp_path, pair):
-    src = _wav(tmp_path / "in" / "a.wav", 0.1, seed=1)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "a.dac").symlink_to(src)  # writing "out/a.dac" would go through the link? no: refused before any work
-    raw = src.read_bytes()
-    for overwrite in (False, True):
-        with pytest.raises(UserError, match=r"which is the input .*a\.wav; nothing was done") as ei:
-            encode_files([src], out, pair[1], overwrite=overwrite, progress=False)
-        assert ei.value.argument == "output_dir"
-    assert src.read_bytes() == raw and (out / "a.dac").is_symlink()
+    for link in (os.symlink, os.link):  # out/a.dac is the input itself: a symbolic, then a hard link to it
+        src = _wav(tmp_path / "in" / "a.wav", 0.1, seed=1)
+        raw = src.read_bytes()
+        link(src, out / "a.dac")
+        for overwrite in (False, True):
+            with pytest.raises(UserError, match=r"the output of .*a\.wav would be .*a\.dac, which is the input "
+                                                r".*a\.wav; nothing was done") as ei:
+                encode_files([src], out, pair[1], overwrite=overwrite, progress=False)
+            assert ei.value.argument == "output_dir"
+        assert src.read_bytes() == raw and os.path.samefile(out / "a.dac", src)
+        (out / "a.dac").unlink()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import io as aio
 from ..batch import (AUDIO_EXTENSIONS, Failure, Report, _check_nq, encoded_output, expand_inputs, load_model,
-                     model_rate_and_hop, output_collisions)
+                     model_rate_and_hop, output_collisions, refuse_outputs_onto_inputs)
 from .command import DEFAULT_STALL_TIMEOUT
 from .schema import DAC_DIR, RUN_INFO, SHARDS_DIR, completed, read_errors, shard_files, write_summary
 from .stages import AttemptLedger, Encoder, Reader, Writer
@@ -294,7 +294,9 @@ def _input_dataset(ray, inputs, output: Path, write_dac: bool, files_per_block: 
     expanded, failures = expand_inputs(inputs, AUDIO_EXTENSIONS)
     report.failures += failures
     if write_dac:  # inputs sharing a .dac path fail (the .dac files mirror the input tree)
-        kept, collisions = output_collisions([(src, encoded_output(output / DAC_DIR, rel, "dac")) for src, rel in expanded])
+        pairs = [(src, encoded_output(output / DAC_DIR, rel, "dac")) for src, rel in expanded]
+        refuse_outputs_onto_inputs(pairs)
+        kept, collisions = output_collisions(pairs)
         report.failures += collisions
         kept_sources = {src for src, _ in kept}
         expanded = [(src, rel) for src, rel in expanded if src in kept_sources]
