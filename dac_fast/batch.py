@@ -28,15 +28,18 @@ the model supports it); this module never windows the model itself.
 
 No lost work, no wrong work: outputs are written to a temporary file in the output directory and
 renamed; a re-run skips outputs whose record matches (same model and settings, unchanged source,
-output intact) and redoes the others; bad inputs are reported (path + reason) and skipped;
-Ctrl-C / SIGTERM finishes in-flight writes and removes temporaries. Mistakes in the arguments
-raise :class:`UserError` before any model is loaded.
+output intact) and redoes the ones it knows as its own; a file the tools did not write is never
+replaced without ``overwrite`` (``dac_fast.resume``); bad inputs are reported (path + reason) and
+skipped; a full disk stops the run; Ctrl-C / SIGTERM finishes in-flight writes and removes
+temporaries. Mistakes in the arguments raise :class:`UserError` before any model is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import inspect
+import itertools
 import math
 import os
 import re
@@ -52,7 +55,7 @@ import numpy as np
 from . import io as aio
 from .configuration import PRESETS, n_quantizers_problem
 from .dacfile import DacFile, DacFileError, load_any
-from .resume import OutputLog, model_identity
+from .resume import OutputLog, identity_files, model_identity
 from .runner import Failure, Report, _Item, _run, _to_device  # noqa: F401 (re-exported)
 
 AUDIO_EXTENSIONS = (
@@ -131,8 +134,12 @@ def check_model_spec(spec: Any) -> None:
     s = str(spec)
     p = Path(s).expanduser()
     presets = f"presets with random weights: {', '.join(PRESET_NAMES)}"
-    if s in PRESET_NAMES or p.is_dir() or (p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES):
+    if s in PRESET_NAMES:
         return
+    if p.is_dir():
+        return _check_model_dir(p)
+    if p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES:
+        return _check_readable(p)
     if p.is_file():
         raise UserError(f"don't know how to load a model from file {p} (expected a model directory, a "
                         f"{'/'.join(_CHECKPOINT_SUFFIXES)} checkpoint, a hub id or a preset)", "model")
@@ -141,6 +148,28 @@ def check_model_spec(spec: Any) -> None:
     if not _HUB_ID.fullmatch(s):
         raise UserError(f"{s!r} is not a local model directory, a checkpoint file or a hub id like "
                         f"'descript/dac_16khz' ({presets})", "model")
+
+
+def _check_model_dir(directory: Path) -> None:
+    from .loading import CONFIG_NAME, SAFETENSORS_NAME, TORCH_WEIGHTS_NAME
+
+    if aio.open_problem(directory / CONFIG_NAME) == "no such file":
+        raise UserError(f"{directory} is not a model directory: it has no {CONFIG_NAME}", "model")
+    _check_readable(directory / CONFIG_NAME)  # also a folder the user may not enter
+    if not any((directory / name).exists() for name in (SAFETENSORS_NAME, TORCH_WEIGHTS_NAME)):
+        raise UserError(f"{directory} holds no model weights ({SAFETENSORS_NAME} or {TORCH_WEIGHTS_NAME})", "model")
+    try:
+        files = identity_files(directory)  # every file the run reads before loading (resume's model identity)
+    except OSError as exc:
+        raise UserError(f"cannot list {directory}: {aio.os_reason(exc)}", "model") from None
+    for q in files:
+        _check_readable(q)
+
+
+def _check_readable(path: Path) -> None:
+    problem = aio.open_problem(path)
+    if problem:
+        raise UserError(f"cannot read {path}: {problem}", "model")
 
 
 def _load_from_spec(spec: str, seed: int, quiet: bool):
@@ -303,10 +332,12 @@ def prepare_output_dir(output_dir) -> Path:
 def expand_inputs(inputs: Iterable[Any], extensions: Sequence[str]) -> tuple[list[tuple[Path, Path]], list[Failure]]:
     """Expand files, directories (recursive) and glob patterns.
 
-    Returns ``([(path, relative output stem base)], failures)``: a directory's files keep
-    their path relative to it (so outputs mirror the tree); plain files and glob matches use
-    their name. Inputs that match nothing are failures; so is a directory without a single file
-    of ``extensions`` (the failure says what it holds instead).
+    Returns ``([(path, relative output stem base)], failures)``: outputs mirror the tree below a root,
+    so that files of one name in different folders never meet. A directory's files are relative to
+    it, a glob's matches to the folder its pattern starts from (``corpus/**/*.wav``: ``corpus``),
+    plain files to the deepest folder they all share (one file: its own folder). Inputs that match
+    nothing are failures; so is a directory without a single file of ``extensions`` (the failure
+    says what it holds instead).
     """
     exts = tuple(e.lower() for e in extensions)
     out: list[tuple[Path, Path]] = []
@@ -319,6 +350,7 @@ def expand_inputs(inputs: Iterable[Any], extensions: Sequence[str]) -> tuple[lis
             seen.add(key)
             out.append((p, rel))
 
+    files: list[Path] = []
     for item in inputs if not isinstance(inputs, (str, os.PathLike)) else [inputs]:
         s = str(item)
         p = Path(s).expanduser()
@@ -330,17 +362,34 @@ def expand_inputs(inputs: Iterable[Any], extensions: Sequence[str]) -> tuple[lis
             for q in found:
                 add(q, q.relative_to(p))
         elif p.exists():
-            add(p, Path(p.name))
+            files.append(p)
         elif glob.has_magic(s):
-            matches = sorted(glob.glob(os.path.expanduser(s), recursive=True))
-            files = [Path(m) for m in matches if Path(m).is_file()]
-            if not files:
+            matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(s), recursive=True))]
+            found = [q for q in matches if q.is_file()]
+            if not found:
                 failures.append(Failure(s, "glob matched no files"))
-            for q in files:
-                add(q, Path(q.name))
+            root = _glob_root(s)
+            for q in found:
+                add(q, _relative(q, root))
         else:
             failures.append(Failure(s, "no such file or directory"))
+    if files:
+        root = os.path.commonpath([os.path.abspath(q.parent) for q in files])
+        for q in files:
+            add(q, _relative(q, root))
     return out, failures
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder a glob pattern starts from: its leading components without wildcards."""
+    parts = Path(os.path.expanduser(pattern)).parts[:-1]
+    literal = list(itertools.takewhile(lambda part: not glob.has_magic(part), parts))
+    return os.path.join(*literal) if literal else "."
+
+
+def _relative(path: Path, root: str) -> Path:
+    rel = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root)))
+    return Path(path.name) if ".." in rel.parts else rel  # a pattern like a/*/../b.wav
 
 
 def _wanted(q: Path, exts) -> bool:
@@ -404,31 +453,85 @@ def _audio_intact(out: Path, holds: dict) -> str | None:
     return None
 
 
-def _plan(expanded, out_of, log: OutputLog, intact, overwrite: bool, report: Report):
-    """The (source, output) jobs of this run. Existing outputs are skipped only when their record
-    vouches for them; made with another setup, the run is refused (:class:`UserError`)."""
-    jobs, claimed, foreign = [], {}, []
-    for src, rel in expanded:
-        out = out_of(rel)
-        key = os.path.abspath(out)
-        if key in claimed:
-            report.failures.append(Failure(str(src), f"output {out} already claimed by {claimed[key]} (same name, different extension?)"))
+def companion_files(out: Path) -> list[Path]:
+    """The files written with the output ``out`` (recorded under its name): npy format's codes."""
+    return [out.with_name(out.name[: -len(".json")] + ".codes.npy")] if out.suffix == ".json" else []
+
+
+def refuse_outputs_onto_inputs(pairs) -> None:
+    """A :class:`UserError` (argument ``output_dir``) when an output of ``[(input, output)]`` would be
+    any input itself (a symbolic or hard link too: same file), whatever ``overwrite`` says: a run never
+    replaces its own input."""
+    inputs = {}
+    for src, _ in pairs:
+        with contextlib.suppress(OSError):  # an input gone since it was listed fails later, alone
+            inputs[_file_identity(src)] = src
+    for src, out in pairs:
+        for p in (out, *companion_files(Path(out))):
+            try:
+                hit = inputs.get(_file_identity(p))
+            except OSError:  # nothing there yet
+                continue
+            if hit is not None:
+                raise UserError(f"the output of {src} would be {p}, which is the input {hit}; nothing was "
+                                "done: choose another output directory", "output_dir")
+
+
+def _file_identity(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def output_collisions(pairs) -> tuple[list, list[Failure]]:
+    """Split ``[(input, output)]`` into the pairs whose output is theirs alone and a failure for every input
+    that shares its output with another (none of those is written: which one the user meant is unknown)."""
+    by_output: dict[str, list] = {}
+    for src, out in pairs:
+        by_output.setdefault(os.path.abspath(out), []).append((src, out))
+    kept, failures = [], []
+    for group in by_output.values():
+        if len(group) == 1:
+            kept += group
             continue
-        claimed[key] = str(src)
-        if not overwrite and out.exists():
-            verdict, why = log.verdict(src, out, intact)
+        sources = [str(src) for src, _ in group]
+        stems = {os.path.splitext(os.path.abspath(src))[0] for src in sources}
+        why = ("different extensions of one stem" if len(stems) == 1
+               else "one relative path under different input folders")
+        for src in sources:
+            failures.append(Failure(src, f"output {group[0][1]} would come from {len(sources)} inputs "
+                                         f"({', '.join(sources)}): {why}; none of them is written"))
+    return kept, failures
+
+
+def _plan(expanded, out_of, log: OutputLog, intact, overwrite: bool, report: Report):
+    """The (source, output) jobs of this run, decided before any work. An output that would be an input
+    refuses the run; inputs sharing an output fail; an existing output is skipped only when its record
+    vouches for it, redone when the record shows it is ours, and left alone (a failure) when the tools did
+    not write it, unless ``overwrite``; made with another setup, the run is refused (:class:`UserError`)."""
+    pairs = [(src, out_of(rel)) for src, rel in expanded]
+    refuse_outputs_onto_inputs(pairs)
+    pairs, collisions = output_collisions(pairs)
+    report.failures += collisions
+    jobs, other_setup = [], []
+    for src, out in pairs:
+        existing = [] if overwrite else [p for p in (out, *companion_files(out)) if p.exists()]
+        if existing:
+            verdict, why = log.verdict(src, out, intact, existing)
             if verdict == "skip":
                 report.skipped.append((str(src), str(out)))
                 continue
-            if verdict == "foreign":
-                foreign.append((out, why))
+            if verdict == "other setup":
+                other_setup.append((out, why))
+                continue
+            if verdict == "not ours":
+                report.failures.append(Failure(str(src), why))
                 continue
             report.redone.append(Failure(str(src), why))
         jobs.append((src, out))
-    if foreign:
-        out, why = foreign[0]
+    if other_setup:
+        out, why = other_setup[0]
         raise UserError(
-            f"{len(foreign)} existing output(s) in {log.output_dir} were made with a different setup ({why}), "
+            f"{len(other_setup)} existing output(s) in {log.output_dir} were made with a different setup ({why}), "
             f"e.g. {out}. Use another output directory, or overwrite=True (--overwrite) to redo them.", "output_dir")
     return jobs
 

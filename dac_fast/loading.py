@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .configuration import CONFIG_NAME, TRANSFORMERS_FIELDS, DacConfig
 from .hub import SAFETENSORS_NAME, TORCH_WEIGHTS_NAME, check_hub_kwargs, resolve_directory
+from .io import give_normal_permissions
 
 
 # The three ways a weight-normalized convolution's weight is stored: (magnitude g, direction v) suffixes.
@@ -329,6 +330,7 @@ def save_pretrained(model, save_directory, push_to_hub: bool = False, state_dict
         state_dict = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         weights = os.path.join(directory, SAFETENSORS_NAME)
         save_file(state_dict, weights, metadata={"format": "pt"})
+        give_normal_permissions(weights)  # safetensors writes 0600: unreadable to others sharing the checkpoint
         return [os.path.join(directory, CONFIG_NAME), weights,
                 *DacFeatureExtractor.from_config(model.config).save_pretrained(directory)]
 

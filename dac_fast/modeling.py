@@ -489,8 +489,10 @@ class DacModel(PreTrainedConveniences, nn.Module):
             raise ValueError(f"n_quantizers {problem}")
         return n_quantizers
 
-    def _check_codes(self, audio_codes: torch.Tensor, checks: DeviceChecks | None = None) -> None:
-        """Shape and dtype at once; the value range by ``checks`` (None: read now)."""
+    def _check_codes(self, audio_codes: torch.Tensor, checks: DeviceChecks | None = None) -> torch.Tensor:
+        """Shape and dtype at once; the value range by ``checks`` (None: read now). Returns the codes as int64:
+        any integer dtype that holds them is accepted (uint16 is how .dac files store them), and the range is
+        checked in int64 (uint16 has no aminmax, uint8 would wrap ``< codebook_size``, int16 no embedding)."""
         if not isinstance(audio_codes, torch.Tensor) or audio_codes.dim() != 3:
             shape = tuple(audio_codes.shape) if isinstance(audio_codes, torch.Tensor) else type(audio_codes).__name__
             raise ValueError(f"audio_codes must be a tensor of shape (batch, n_codebooks, frames), got {shape}")
@@ -501,8 +503,9 @@ class DacModel(PreTrainedConveniences, nn.Module):
             raise ValueError(f"audio_codes has {n} codebooks; this model has {self.config.n_codebooks}")
         if audio_codes.numel() == 0:
             raise ValueError(f"audio_codes is empty: shape {tuple(audio_codes.shape)}")
+        audio_codes = audio_codes.long()
         if torch.compiler.is_compiling():  # the value range is data-dependent: checked in eager calls only
-            return
+            return audio_codes
         size = self.config.codebook_size
         lo, hi = torch.aminmax(audio_codes)
         queue = DeviceChecks() if checks is None else checks
@@ -510,6 +513,7 @@ class DacModel(PreTrainedConveniences, nn.Module):
                       lambda: f"audio_codes must lie in [0, {size}), got values in [{lo.item()}, {hi.item()}]")
         if checks is None:
             queue.run()
+        return audio_codes
 
     def _tile_frames(self, requested: int | None, default: int | None, inputs: torch.Tensor, net: nn.Module):
         """Item-frames per tile, or None to run untiled (autograd needs the whole graph)."""
@@ -679,8 +683,7 @@ class DacModel(PreTrainedConveniences, nn.Module):
         checks = DeviceChecks()
         with self._backend_scope():
             if audio_codes is not None:
-                self._check_codes(audio_codes, checks)
-                source = audio_codes
+                audio_codes = source = self._check_codes(audio_codes, checks)
             else:
                 self._check_latent(quantized_representation)
                 source = quantized_representation

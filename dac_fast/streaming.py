@@ -317,7 +317,7 @@ class StreamingDecoder:
             raise ValueError(f"audio_codes has {audio_codes.shape[0]} streams; this decoder has {self.batch_size}")
         if self.n_codebooks is not None and audio_codes.shape[1] != self.n_codebooks:
             raise ValueError(f"audio_codes has {audio_codes.shape[1]} codebooks; earlier pushes had {self.n_codebooks}")
-        self.model._check_codes(audio_codes)  # integer, 1..n_codebooks codebooks, non-empty, in range
+        audio_codes = self.model._check_codes(audio_codes)  # integer, 1..n_codebooks codebooks, non-empty, in range
         return audio_codes.to(self.model.device)
 
     def push(self, audio_codes: torch.Tensor) -> torch.Tensor:

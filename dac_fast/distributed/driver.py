@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import io as aio
-from ..batch import AUDIO_EXTENSIONS, Failure, Report, _check_nq, expand_inputs, load_model, model_rate_and_hop
+from ..batch import (AUDIO_EXTENSIONS, Failure, Report, _check_nq, encoded_output, expand_inputs, load_model,
+                     model_rate_and_hop, output_collisions, refuse_outputs_onto_inputs)
 from . import DEFAULT_STALL_TIMEOUT
-from .schema import RUN_INFO, SHARDS_DIR, completed, read_errors, shard_files, write_summary
+from .schema import DAC_DIR, RUN_INFO, SHARDS_DIR, completed, read_errors, shard_files, write_summary
 from .stages import AttemptLedger, Encoder, Reader, Writer
 
 LOST = "lost: Ray gave up on its block after retries (worker crash?); re-run to retry"
@@ -236,7 +237,13 @@ def _prepare_output(output: Path, model, seed, dtype, n_quantizers, normalize_db
             "normalize_db": normalize_db, "model": spec if isinstance(spec, str) else type(spec).__name__}
     info_path = output / RUN_INFO
     if info_path.exists():
-        prev = json.loads(info_path.read_text())
+        try:
+            prev = json.loads(info_path.read_text())
+        except ValueError:
+            prev = None
+        if not isinstance(prev, dict) or "model_sample_rate" not in prev:
+            raise ValueError(f"{info_path} exists and dac-fast did not write it; not replaced: use another "
+                             "output directory")
         diff = {k: (prev.get(k), info[k]) for k in ("model_sample_rate", "hop_length", "n_codebooks", "n_quantizers",
                                                     "normalize_db") if prev.get(k) != info[k]}
         if diff and shard_files(output):
@@ -286,14 +293,16 @@ def _input_dataset(ray, inputs, output: Path, write_dac: bool, files_per_block: 
         return (ds.map(_add_rel) if write_dac else ds), None
     expanded, failures = expand_inputs(inputs, AUDIO_EXTENSIONS)
     report.failures += failures
-    items, claimed = [], {}
+    if write_dac:  # inputs sharing a .dac path fail (the .dac files mirror the input tree)
+        pairs = [(src, encoded_output(output / DAC_DIR, rel, "dac")) for src, rel in expanded]
+        refuse_outputs_onto_inputs(pairs)
+        kept, collisions = output_collisions(pairs)
+        report.failures += collisions
+        kept_sources = {src for src, _ in kept}
+        expanded = [(src, rel) for src, rel in expanded if src in kept_sources]
+    items = []
     for src, rel in expanded:
         key = os.path.abspath(src)
-        out_key = str(rel.with_suffix(""))
-        if write_dac and out_key in claimed:
-            report.failures.append(Failure(key, f"output {out_key}.dac already claimed by {claimed[out_key]}"))
-            continue
-        claimed[out_key] = key
         if key in done:
             report.skipped.append((key, done[key]["shard"]))
             continue

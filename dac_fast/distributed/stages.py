@@ -290,14 +290,23 @@ class Writer:
         }
 
     def _write_dac(self, batch: dict, i: int) -> str:
-        """Write one input's .dac file; returns "" or the error."""
+        """Write one input's .dac file; returns "" or the error. A file already at its path is kept when it holds
+        exactly these bytes (this job's own, written before a crash lost its shard) and is never replaced
+        otherwise: it is not ours (the Ray path has no --overwrite)."""
         try:
             c = int(batch["channels"][i])
             codes = codes_from_row({k: batch[k][i] for k in ("codes", "channels", "n_codebooks", "frames")})
             f = DacFile(codes=codes, input_db=np.array([batch["input_db"][i]], np.float32),
                         original_length=int(batch["original_length"][i]), sample_rate=int(batch["sample_rate"][i]),
                         chunk_length=codes.shape[-1], channels=c, padding=True)
-            f.save(encoded_output(self.output / DAC_DIR, Path(str(batch["rel"][i])), "dac"))
+            path = encoded_output(self.output / DAC_DIR, Path(str(batch["rel"][i])), "dac")
+            if path.exists():
+                if path.read_bytes() == f.to_bytes():
+                    return ""
+                return f"{path} exists and dac-fast did not write it; not replaced: use another output directory"
+            f.save(path)
             return ""
+        except OSError as exc:
+            return f"write failed: {aio.os_reason(exc)} ({exc.filename or ''})"[:500]
         except Exception as exc:
             return f"write failed: {type(exc).__name__}: {exc}"[:500]
