@@ -13,8 +13,9 @@ import warnings
 import pytest
 import torch
 
-from dac_fast import DacModel
-from dac_fast.modeling import _CUDA_GRAPHS, CUDA_GRAPH_CACHE_SIZE
+from dac_fast import DacConfig, DacModel
+from dac_fast.configuration import PRESETS
+from dac_fast.cuda_graphs import MODEL_GRAPHS, GraphCache, kernel_settings
 from tests.reference import synth_audio
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -57,6 +58,64 @@ def test_cuda_graphs_errors_outside_inference(cpu_model):
         cpu_model.eval()
 
 
+# ----------------------------------------------------------------------------- graph cache (CPU, eager recorder)
+@pytest.fixture(scope="module")
+def narrow_model():
+    """The 16khz layout (its tile plans and halos) with narrow layers: fast on the CPU."""
+    config = DacConfig(**dict(PRESETS["16khz"], encoder_hidden_size=8, decoder_hidden_size=32))
+    return DacModel(config).eval()
+
+
+def test_graph_cache_replays_a_long_tiled_call(narrow_model):
+    """A tiled call runs several tile shapes in the encoder and in the decoder (4 + 4 here, more than the old
+    fixed cache of 4 graphs): the cache grows to what one call needs, so a second encode and decode replay
+    every tile instead of re-capturing. The recorder replays eagerly through the same bookkeeping, so the
+    outputs must equal the plain eager call's exactly."""
+    cache = GraphCache(capture=lambda run: run)
+    settings = kernel_settings()
+    x = _audio(1, 320 * 40 + 13, seed=9)
+    tile = 12
+    with torch.inference_mode():
+        ref_latent = narrow_model._encode_latent(x, tile)
+        ref_audio = narrow_model._decode_latent(ref_latent, tile)
+        for attempt in range(2):  # capture, then replay
+            latent = narrow_model._encode_latent(x, tile, graphs=cache.wrapper("encoder", settings))
+            audio = narrow_model._decode_latent(latent, tile, graphs=cache.wrapper("decoder", settings))
+            _assert_equal(latent, ref_latent, f"latent (call {attempt})")
+            _assert_equal(audio, ref_audio, f"audio (call {attempt})")
+            if attempt == 0:
+                first = cache.captures
+                assert cache.capacity == {"encoder": 4, "decoder": 4}, cache.capacity
+                assert first == len(cache.calls) == 8, "one capture per tile shape"
+        assert cache.captures == first, f"{cache.captures - first} re-captures in the repeated calls"
+        # another input's plan replaces the least recently used graphs: the cache never outgrows one call's need
+        narrow_model._encode_latent(x[..., : 320 * 30], tile, graphs=cache.wrapper("encoder", settings))
+        assert sum(1 for key in cache.calls if key[0] == "encoder") == cache.capacity["encoder"] == 4
+
+
+def test_graph_cache_key_follows_kernel_settings(narrow_model):
+    """A call under other kernel settings (deterministic mode, cuDNN flags, autocast) records its own graph."""
+    cache = GraphCache(capture=lambda run: run)
+    x = _audio(1, 320 * 6 + 7)
+    keys = set()
+    with torch.inference_mode():
+        for deterministic in (False, True):
+            old = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                narrow_model._encode_latent(x, 4, graphs=cache.wrapper("encoder", kernel_settings()))
+                keys.add(kernel_settings())
+            finally:
+                torch.use_deterministic_algorithms(old)
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False):
+            keys.add(kernel_settings())
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
+            if torch.cuda.is_available():
+                keys.add(kernel_settings())
+    assert len(keys) == (4 if torch.cuda.is_available() else 3), keys
+    assert cache.captures == 2, "one capture per setting: deterministic mode is in the key"
+
+
 # ----------------------------------------------------------------------------- CUDA
 @pytest.fixture(scope="module")
 def gpu_model():
@@ -65,9 +124,9 @@ def gpu_model():
     return DacModel.from_preset("16khz", seed=0, device="cuda")
 
 
-def _graph_count(model):
-    entry = _CUDA_GRAPHS.get(model, {}).get("graphs")  # a derived_from entry: (key, sources, _GraphCache)
-    return 0 if entry is None else len(entry[2].calls)
+def _graph_cache(model) -> GraphCache | None:
+    entry = MODEL_GRAPHS.get(model, {}).get("graphs")  # a derived_from entry: (key, sources, GraphCache)
+    return None if entry is None else entry[2]
 
 
 def _assert_equal(actual, expected, what):
@@ -81,7 +140,7 @@ def _assert_equal(actual, expected, what):
 def test_model_cuda_graphs_equal_eager(gpu_model):
     """Two batch shapes, untiled and tiled (time tiles of several shapes), encode then decode, each twice so
     the second call replays."""
-    _CUDA_GRAPHS.pop(gpu_model, None)
+    MODEL_GRAPHS.pop(gpu_model, None)
     with torch.inference_mode():
         for batch, n_samples, tile in [(3, 16000 + 77, None), (2, 9600 + 5, 12)]:
             x = _audio(batch, n_samples, "cuda", seed=batch)
@@ -96,7 +155,8 @@ def test_model_cuda_graphs_equal_eager(gpu_model):
                 _assert_equal(audio, ref_audio, f"decode ({attempt}, batch {batch})")
                 audio = gpu_model.decode(audio_codes=ref.audio_codes, tile_frames=tile, cuda_graphs=True).audio_values
                 _assert_equal(audio, ref_from_codes, f"decode(codes) ({attempt}, batch {batch})")
-            assert 1 <= _graph_count(gpu_model) <= CUDA_GRAPH_CACHE_SIZE
+            cache = _graph_cache(gpu_model)
+            assert cache is not None and cache.captures == len(cache.calls) >= 1, "every shape captured once"
 
 
 @cuda
