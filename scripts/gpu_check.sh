@@ -191,7 +191,7 @@ ROWS=()      # "| step | est | cap | status | seconds | detail |" rows of summar
 FAILED=0
 HEADER=()    # summary lines under the title (filled by the env step)
 CURRENT=""   # the step running now (shown in the summary while it runs)
-TABLES="kernel_cases agreement bench_model bench_kernels kill_drill"  # steps whose WORK/NAME.md is a summary section
+TABLES="agreement bench_model bench_kernels kill_drill"  # steps whose WORK/NAME.md is a summary section
 
 step_detail() {  # the line that says how a step went: pytest's summary, the sanitizer's, or the last line
   local log="$1"

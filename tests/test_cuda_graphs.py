@@ -10,8 +10,10 @@ nothing back on CUDA).
 """
 
 import copy
+import importlib.util
 import pickle
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +21,20 @@ import torch
 from dac_fast import DacConfig, DacModel
 from dac_fast.configuration import PRESETS
 from dac_fast.cuda_graphs import MODEL_GRAPHS, GraphCache, kernel_settings
-from scripts.cuda_agreement import measure, verdict
 from tests.reference import synth_audio
+
+
+def _load_agreement():
+    """scripts/cuda_agreement.py by its path (scripts/ is no package; an installed one could shadow the name)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "cuda_agreement.py"
+    spec = importlib.util.spec_from_file_location("dac_fast_cuda_agreement", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_agreement = _load_agreement()
+measure, verdict = _agreement.measure, _agreement.verdict
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
