@@ -386,7 +386,7 @@ if [ $REHEARSE -eq 1 ]; then
 else
   PY="${PYTHON:-python3}"
 fi
-export PY SANITIZER WORK
+export PY SANITIZER WORK OUT
 
 # ------------------------------------------------------------------------------------------ plan
 export -f check_plan plan_field
