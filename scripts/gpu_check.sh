@@ -157,7 +157,8 @@ check_plan() {  # the device plan's arithmetic; prints it, returns 1 when it doe
   elif [ "$cap_total" -gt "$TOTAL_BUDGET" ]; then
     echo "note: the caps add up to $cap_total s, over this run's $TOTAL_BUDGET s budget: the last steps will be cut or skipped"
   fi
-  echo "estimated ${est_total} s of the ${PLAN_TARGET} s target; caps ${cap_total} s within the ${TOTAL_BUDGET} s budget"
+  echo "estimated ${est_total} s of the ${PLAN_TARGET} s target; caps ${cap_total} s$([ "$cap_total" -le "$TOTAL_BUDGET" ] \
+    && echo ' within' || echo ', OVER') the ${TOTAL_BUDGET} s budget"
   return $ok
 }
 
