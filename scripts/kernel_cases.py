@@ -170,6 +170,9 @@ def main(argv=None) -> int:
     if args.list:
         print("\n".join(name for name, _ in cases))
         return 0
+    # the references' convolutions and products in full fp32, as the kernels' (cuDNN defaults to TF32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     if not ops._extension_available(args.device):
         print(f"dac_fast._C has no {args.device} kernels: {ops.extension_status()}", file=sys.stderr)
         return 1
