@@ -10,15 +10,14 @@ d codebook dimension.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
-import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cuda_graphs as cuda_graphs_module  # encode/decode's cuda_graphs argument shadows the name
 from . import ops
 from .configuration import DacConfig, n_quantizers_problem
 from .checks import DeviceChecks, check_audio
@@ -381,59 +380,6 @@ class DacEncoder(nn.Module):
         return conv_step(self.conv2, self.snake1(hidden_state), flow)
 
 
-# ----------------------------------------------------------------------------- CUDA graphs
-# The most graphs kept per model. Each graph holds a private memory pool of about one tile's activations
-# (a few GB for the 44khz decoder at its default CUDA tile), so only the most recently used few are kept.
-CUDA_GRAPH_CACHE_SIZE = 4
-# model -> its ``derived_from`` entry holding a _GraphCache; beside the model, not on it: CUDA graphs cannot be
-# deep-copied or pickled
-_CUDA_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class _CapturedCall:
-    """One call of ``fn`` captured in a CUDA graph: static inputs, the graph, its static output."""
-
-    def __init__(self, fn, args):
-        # ordinary tensors, so later calls may copy into them in or out of inference mode
-        with torch.inference_mode(False), torch.no_grad():
-            self.inputs = [torch.empty_like(a).copy_(a) for a in args]
-        # warm-up on a side stream, as torch.cuda.graphs' documentation requires: cuDNN/cuBLAS handles and
-        # workspaces, lazy initialisations and the caches derived from weights are made outside the capture
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = fn(*self.inputs)
-
-    def __call__(self, *args) -> torch.Tensor:
-        """The output for ``args`` (same shapes as captured); it is overwritten by the next replay."""
-        for static, arg in zip(self.inputs, args):
-            static.copy_(arg)
-        self.graph.replay()
-        return self.output
-
-
-class _GraphCache:
-    """A model's captured calls, least recently used first, for one version of its weights (a ``derived_from``
-    entry: any weight change builds a new one; ``.to()`` and ``clear_weight_caches`` drop it)."""
-
-    def __init__(self):
-        self.calls: collections.OrderedDict = collections.OrderedDict()
-
-    def call(self, key, fn, args) -> torch.Tensor:
-        captured = self.calls.get(key)
-        if captured is None:
-            captured = self.calls[key] = _CapturedCall(fn, args)
-            while len(self.calls) > CUDA_GRAPH_CACHE_SIZE:
-                self.calls.popitem(last=False)
-        self.calls.move_to_end(key)
-        return captured(*args)
-
-
 class DacModel(PreTrainedConveniences, nn.Module):
     """The DAC codec: encoder, residual vector quantizer, decoder.
 
@@ -528,13 +474,14 @@ class DacModel(PreTrainedConveniences, nn.Module):
 
     def _graphed(self, name: str, net: nn.Module, inputs: torch.Tensor, cuda_graphs):
         """For ``cuda_graphs=True``: a wrapper that makes a tile function of ``net`` replay CUDA graphs, one per
-        (network, input shapes, dtype, device, ops backend, TF32 settings) and weight version, captured on
+        (network, input shapes, dtype, device, ``cuda_graphs.kernel_settings()``) and weight version, captured on
         first use (a few eager runs of the tile plus the capture: the first call of each shape is slower) and
-        kept in a per-model LRU of ``CUDA_GRAPH_CACHE_SIZE``. Any change of the weights (in-place update,
-        load_state_dict, ``.to()``) drops every graph. Results equal the eager tiles': the graph replays the
-        same kernels on the same shapes. None for ``cuda_graphs=False``. Raises a ValueError where graphs
-        cannot run: not CUDA, autograd or training mode, torch.compile. One graphed call at a time per model
-        (a graph's static buffers are shared by its replays: concurrent threads would overwrite each other's)."""
+        kept in the model's ``cuda_graphs.GraphCache`` (sized to the tile shapes one call needs). Any change of
+        the weights (in-place update, load_state_dict, ``.to()``) drops every graph. Results equal the eager
+        tiles': the graph replays the same kernels on the same shapes. None for ``cuda_graphs=False``. Raises a
+        ValueError where graphs cannot run: not CUDA, autograd or training mode, torch.compile. One graphed
+        call at a time per model (a graph's static buffers are shared by its replays: concurrent threads would
+        overwrite each other's)."""
         if cuda_graphs is False:
             return None
         if cuda_graphs is not True:
@@ -549,20 +496,11 @@ class DacModel(PreTrainedConveniences, nn.Module):
             raise ValueError("cuda_graphs=True cannot run under torch.compile (its mode='reduce-overhead' "
                              "captures CUDA graphs itself)")
         # inference-tensor weights: versions not tracked, nothing can be kept (eager tiles)
-        cache = derived_from(self, "graphs", list(self.parameters()), _GraphCache,
-                             store=_CUDA_GRAPHS.setdefault(self, {}), untracked=lambda: None)
+        cache = derived_from(self, "graphs", list(self.parameters()), cuda_graphs_module.GraphCache,
+                             store=cuda_graphs_module.MODEL_GRAPHS.setdefault(self, {}), untracked=lambda: None)
         if cache is None:
             return lambda fn: fn
-        settings = (self.backend or ops.current_backend(), torch.backends.cuda.matmul.allow_tf32,
-                    torch.backends.cudnn.allow_tf32)
-
-        def wrap(fn):
-            def run(*args):
-                key = (name, *((tuple(a.shape), a.dtype, a.device) for a in args), settings)
-                return cache.call(key, fn, args)
-            return run
-
-        return wrap
+        return cache.wrapper(name, cuda_graphs_module.kernel_settings(self.backend))
 
     # ------------------------------------------------------------------ encode
     def encode(
@@ -750,7 +688,7 @@ class DacModel(PreTrainedConveniences, nn.Module):
         for module in self.modules():
             module.__dict__.pop("_derived", None)
             PACKED_WEIGHTS.pop(module, None)
-        _CUDA_GRAPHS.pop(self, None)
+        cuda_graphs_module.MODEL_GRAPHS.pop(self, None)
 
     def _apply(self, fn, *args, **kwargs):
         self.clear_weight_caches()

@@ -30,10 +30,10 @@ import math
 import torch
 import torch.nn as nn
 
-from . import ops
 from .convolution import conv_arithmetic, conv_transpose_polyphase, zero_outside
 from .tiles import decoder_reach, encoded_frames, encoder_reach
 from .weight_cache import tensors_key
+from .cuda_graphs import capture_cuda_graph, kernel_settings
 
 
 class LayerStreams:
@@ -150,30 +150,9 @@ def _check_batch_size(batch_size) -> int:
     return batch_size
 
 
-def _cuda_graph_of(run):
-    """``run()`` (-> a tuple of tensors, computed from static buffers only) captured in a CUDA graph after a
-    side-stream warm-up, as torch.cuda.graphs' documentation requires. Returns ``replay()`` -> the same tuple,
-    recomputed by the graph in place."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = run()
-
-    def replay():
-        graph.replay()
-        return outputs
-
-    return replay
-
-
 class _CapturedStep:
     """One steady-state decoder step: the latent of f frames and every layer's kept context in static buffers,
-    the step recorded by ``capture`` (``_cuda_graph_of``; tests on the CPU pass ``lambda run: run``, which
+    the step recorded by ``capture`` (``cuda_graphs.capture_cuda_graph``; tests on the CPU pass ``lambda run: run``, which
     replays eagerly through the same bookkeeping)."""
 
     def __init__(self, decoder: nn.Module, latent: torch.Tensor, layers: LayerStreams, capture):
@@ -232,8 +211,7 @@ class _StepGraphs:
         if (weights is None or layers.starts is not None or layers.final or not layers.context
                 or any(layers.to_crop.values())):
             return decoder.inference(latent, layers)
-        key = (tuple(latent.shape), latent.dtype, self._shapes(layers), weights, ops.current_backend(),
-               torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        key = (tuple(latent.shape), latent.dtype, self._shapes(layers), weights, kernel_settings())
         captured = self.steps.get(key)
         if captured is None and key in self.steady:
             state = dict(layers.context), dict(layers.position), dict(layers.to_crop)
@@ -265,7 +243,7 @@ class StreamingDecoder:
         if cuda_graphs and model.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, got {model.device}; "
                              "use cuda_graphs=False here")
-        self._graphs = _StepGraphs(_cuda_graph_of) if cuda_graphs else None  # see _StepGraphs
+        self._graphs = _StepGraphs(capture_cuda_graph) if cuda_graphs else None  # see _StepGraphs
         left, right = decoder_reach(self.config)
         # sample i is final once the frames at positions up to i + right are in
         self.lookahead_samples = right
