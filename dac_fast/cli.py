@@ -193,7 +193,7 @@ def _run(args) -> int:
     except ValueError:  # not the main thread
         pass
     try:
-        from .batch import UserError
+        from .arguments import UserError
 
         try:
             return _run_files(args)
@@ -213,13 +213,14 @@ def _run(args) -> int:
 
 
 def _run_files(args) -> int:
-    from .batch import _check_positive, check_device, check_n_quantizers, decode_files, encode_files
+    from .arguments import check_device, check_n_quantizers, check_positive
+    from .batch import decode_files, encode_files
 
     if args.model in PRESET_NAMES and not args.random_weights:
         raise _Stop(f"--model {args.model}: a preset has RANDOM weights (codes and audio are meaningless); "
                     "pass --random-weights to try the pipeline with it, or give a checkpoint directory, "
                     ".pth file or hub id")
-    _check_positive(batch_size=args.batch_size, workers=args.workers)
+    check_positive(batch_size=args.batch_size, workers=args.workers)
     check_n_quantizers(args.n_quantizers)
     if args.tile_frames is not None and args.tile_frames < 1:
         raise _Stop(f"--tile-frames: must be >= 1, got {args.tile_frames}")
@@ -256,7 +257,8 @@ def _run_files(args) -> int:
 
 
 def _info(args) -> int:
-    from .batch import CODE_EXTENSIONS, expand_inputs, info
+    from .batch import info
+    from .planning import CODE_EXTENSIONS, expand_inputs
 
     files, failures = expand_inputs(args.files, CODE_EXTENSIONS)
     status = 1 if failures else 0

@@ -4,14 +4,12 @@ flows (``conv_step``) through which offline calls, streams and right-padded batc
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .weight_cache import derived_from
+from .weight_cache import derived_from, side_store
 
 
 def weight_norm_parts(conv: nn.Module):
@@ -79,7 +77,7 @@ def _conv1d(hidden_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 _PACK_MIN_NUMEL = 1024 * 1024
 # owner module -> its packed weights (``derived_from`` entries); beside the modules, not on them: oneDNN tensors
 # cannot be deep-copied or pickled, and a copied model builds its own
-PACKED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+PACKED_WEIGHTS = side_store()
 
 
 def packed_conv1d(owner: nn.Module, hidden_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -1,25 +1,27 @@
-"""CUDA-graph capture and the per-model graph cache of ``DacModel.encode/decode(cuda_graphs=True)``.
+"""CUDA graphs: capture, the per-model cache of ``DacModel.encode/decode(cuda_graphs=True)`` and the recorded
+steps of ``streaming_decoder(cuda_graphs=True)``.
 
 A captured graph replays the exact kernels chosen at capture, so a graph may be reused only where eager code
 would launch the same kernels: same input shapes and dtypes (the key's arguments) and the same
 ``kernel_settings()`` (ops backend, TF32 and reduced-precision flags, cuDNN flags, deterministic mode,
-autocast state and dtype). The streaming decoder's recorded steps (``dac_fast.streaming``) use the same
-capture and settings.
+autocast state and dtype). The streaming decoder's recorded steps (``StepGraphs``) use the same capture
+and settings.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import weakref
 
 import torch
+import torch.nn as nn
 
 from . import ops
+from .weight_cache import derived_from, side_store, tensors_key
 
 # model -> its ``derived_from`` entry holding a GraphCache; beside the model, not on it: CUDA graphs cannot be
 # deep-copied or pickled
-MODEL_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+MODEL_GRAPHS = side_store()
 
 
 def kernel_settings(backend: str | None = None) -> tuple:
@@ -130,3 +132,116 @@ class GraphCache:
         droppable = [k for k in mine if k not in used]  # at least the excess: capacity >= len(used)
         for key in droppable[: max(0, len(mine) - self.capacity[name])]:
             del self.calls[key]
+
+
+def tile_graphs(model, name: str, inputs: torch.Tensor, cuda_graphs, inference: bool):
+    """For ``cuda_graphs=True``: a wrapper that makes a tile function of ``model``'s network ``name`` replay CUDA graphs, one per
+    (network, input shapes, dtype, device, ``cuda_graphs.kernel_settings()``) and weight version, captured on
+    first use (a few eager runs of the tile plus the capture: the first call of each shape is slower) and
+    kept in the model's ``cuda_graphs.GraphCache`` (sized to the tile shapes one call needs). Any change of
+    the weights (in-place update, load_state_dict, ``.to()``) drops every graph. Results equal the eager
+    tiles': the graph replays the same kernels on the same shapes. None for ``cuda_graphs=False``. Raises a
+    ValueError where graphs cannot run: not CUDA, autograd or training mode, torch.compile. One graphed
+    call at a time per model (a graph's static buffers are shared by its replays: concurrent threads would
+    overwrite each other's)."""
+    if cuda_graphs is False:
+        return None
+    if cuda_graphs is not True:
+        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if not inference:
+        raise ValueError("cuda_graphs=True runs inference only: call model.eval() and encode/decode under "
+                         "torch.inference_mode() or torch.no_grad()")
+    if inputs.device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs the model and its inputs on a CUDA device, got {inputs.device}; "
+                         "use cuda_graphs=False here")
+    if torch.compiler.is_compiling():
+        raise ValueError("cuda_graphs=True cannot run under torch.compile (its mode='reduce-overhead' "
+                         "captures CUDA graphs itself)")
+    # inference-tensor weights: versions not tracked, nothing can be kept (eager tiles)
+    cache = derived_from(model, "graphs", list(model.parameters()), GraphCache,
+                     store=MODEL_GRAPHS.setdefault(model, {}), untracked=lambda: None)
+    if cache is None:
+        return lambda fn: fn
+    return cache.wrapper(name, kernel_settings(model.backend))
+
+
+# ----------------------------------------------------------------------------- streaming decoder steps
+class CapturedStep:
+    """One steady-state decoder step: the latent of f frames and every layer's kept context in static buffers,
+    the step recorded by ``capture`` (``capture_cuda_graph``; tests on the CPU pass ``lambda run: run``, which
+    replays eagerly through the same bookkeeping)."""
+
+    def __init__(self, decoder: nn.Module, latent: torch.Tensor, layers, capture):
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: copied into in any mode
+            self.latent = torch.empty_like(latent).copy_(latent)
+            self.context = {n: torch.empty_like(t).copy_(t) for n, t in layers.context.items()}
+        position, to_crop = dict(layers.position), dict(layers.to_crop)
+
+        def run():  # the step from the static buffers; its Python bookkeeping is the same at every run
+            layers.context, layers.position, layers.to_crop = dict(self.context), dict(position), dict(to_crop)
+            audio = decoder.inference(self.latent, layers)
+            self.advance = {n: layers.position[n] - position[n] for n in position}
+            return audio, dict(layers.context)
+
+        self.replay = capture(run)
+        self.to_crop = to_crop
+        layers.context, layers.position, layers.to_crop = dict(self.context), position, dict(to_crop)
+
+    def __call__(self, latent: torch.Tensor, layers) -> torch.Tensor:
+        position = dict(layers.position)
+        self.latent.copy_(latent)
+        for name, kept in layers.context.items():
+            if kept is not self.context[name]:
+                self.context[name].copy_(kept)
+        audio, context = self.replay()
+        for name, kept in context.items():
+            self.context[name].copy_(kept)
+        layers.context, layers.to_crop = dict(self.context), dict(self.to_crop)
+        layers.position = {n: p + self.advance[n] for n, p in position.items()}
+        return audio.clone()  # the static output is overwritten by the next replay
+
+
+class StepGraphs:
+    """``cuda_graphs=True`` of a streaming decoder (``layers``: its ``streaming.LayerStreams``): steady-state pushes replay a recorded step.
+
+    A step is steady when no stream was restarted alone, it is not the flush, every transposed convolution
+    has cropped its leading samples, and it leaves every layer's kept context with the shapes it found: then
+    the next push of the same size repeats the same kernels on the same shapes. The first such step of a push
+    size runs eagerly and marks the (push shape, context shapes, weights) key steady; the next is captured,
+    and later ones replay. First pushes, odd-sized pushes, pushes after ``reset(streams)`` (until
+    ``LayerStreams.settle``) and ``flush`` run eagerly. At most ``size`` recorded steps are kept (least recently
+    used dropped)."""
+
+    def __init__(self, capture, size: int = 4):
+        self.capture = capture
+        self.size = size
+        self.steady: set = set()
+        self.steps: collections.OrderedDict = collections.OrderedDict()
+
+    @staticmethod
+    def _shapes(layers) -> tuple:
+        return tuple(sorted((name, tuple(t.shape)) for name, t in layers.context.items()))
+
+    def step(self, decoder: nn.Module, latent: torch.Tensor, layers) -> torch.Tensor:
+        weights = tensors_key(list(decoder.parameters()))
+        if (weights is None or layers.starts is not None or layers.final or not layers.context
+                or any(layers.to_crop.values())):
+            return decoder.inference(latent, layers)
+        key = (tuple(latent.shape), latent.dtype, self._shapes(layers), weights, kernel_settings())
+        captured = self.steps.get(key)
+        if captured is None and key in self.steady:
+            state = dict(layers.context), dict(layers.position), dict(layers.to_crop)
+            try:
+                captured = self.steps[key] = CapturedStep(decoder, latent, layers, self.capture)
+            except BaseException:  # the push fails as a whole: the streams' state is as before it
+                layers.context, layers.position, layers.to_crop = state
+                raise
+            while len(self.steps) > self.size:
+                self.steps.popitem(last=False)
+        if captured is not None:
+            self.steps.move_to_end(key)
+            return captured(latent, layers)
+        audio = decoder.inference(latent, layers)
+        if self._shapes(layers) == key[2] and not any(layers.to_crop.values()):
+            self.steady.add(key)
+        return audio

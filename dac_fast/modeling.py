@@ -17,12 +17,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import cuda_graphs as cuda_graphs_module  # encode/decode's cuda_graphs argument shadows the name
 from . import ops
-from .configuration import DacConfig, n_quantizers_problem
-from .checks import DeviceChecks, check_audio
+from .configuration import DacConfig
+from .checks import (
+    DeviceChecks,
+    check_audio,
+    check_audio_frames,
+    check_codes,
+    check_latent,
+    check_n_quantizers,
+    check_padding_mask,
+)
+from .cuda_graphs import tile_graphs
 from .convolution import (
-    PACKED_WEIGHTS,
     PaddedBatch,
     conv_forward,
     conv_step,
@@ -32,8 +39,8 @@ from .convolution import (
     zero_outside,
 )
 from .outputs import DacDecoderOutput, DacEncoderOutput, DacOutput
-from .pretrained import PreTrainedConveniences, run_block
-from .tiles import decoded_length, decoder_halo_frames, encoded_frames, encoder_halo_frames, run_tiled
+from .pretrained import DacPreTrainedModel, run_block
+from .tiles import decoded_length, decoder_halo_frames, encoded_frames, encoder_halo_frames, run_tiled, tile_frames_for
 from .weight_cache import derived_from
 
 
@@ -380,12 +387,12 @@ class DacEncoder(nn.Module):
         return conv_step(self.conv2, self.snake1(hidden_state), flow)
 
 
-class DacModel(PreTrainedConveniences, nn.Module):
+class DacModel(DacPreTrainedModel):
     """The DAC codec: encoder, residual vector quantizer, decoder.
 
     Drop-in for ``transformers.DacModel``: same config, parameter names, encode/decode/forward
     signatures and output classes. transformers' model conveniences (``num_parameters``, gradient
-    checkpointing, ``push_to_hub``, ...) come from ``PreTrainedConveniences``.
+    checkpointing, ``push_to_hub``, loading and saving, ...) come from ``DacPreTrainedModel``.
     """
 
     def __init__(self, config: DacConfig, backend: str | None = None):
@@ -402,105 +409,8 @@ class DacModel(PreTrainedConveniences, nn.Module):
         self.decode_tile_frames: int | None = None
         self._init_weights()
 
-    @torch.no_grad()
-    def _init_weights(self) -> None:
-        """transformers' initialization (random weights; checkpoints overwrite them)."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv1d):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.constant_(module.bias, 0)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
     def _backend_scope(self):
         return ops.backend(self.backend) if self.backend else contextlib.nullcontext()
-
-    # ------------------------------------------------------------------ checks
-    def _check_n_quantizers(self, n_quantizers) -> int:
-        n = self.config.n_codebooks
-        if n_quantizers is None:
-            return n
-        if isinstance(n_quantizers, torch.Tensor) and n_quantizers.numel() == 1:
-            n_quantizers = int(n_quantizers.item())
-        problem = n_quantizers_problem(n_quantizers, n)
-        if problem:
-            raise ValueError(f"n_quantizers {problem}")
-        return n_quantizers
-
-    def _check_codes(self, audio_codes: torch.Tensor, checks: DeviceChecks | None = None) -> torch.Tensor:
-        """Shape and dtype at once; the value range by ``checks`` (None: read now). Returns the codes as int64:
-        any integer dtype that holds them is accepted (uint16 is how .dac files store them), and the range is
-        checked in int64 (uint16 has no aminmax, uint8 would wrap ``< codebook_size``, int16 no embedding)."""
-        if not isinstance(audio_codes, torch.Tensor) or audio_codes.dim() != 3:
-            shape = tuple(audio_codes.shape) if isinstance(audio_codes, torch.Tensor) else type(audio_codes).__name__
-            raise ValueError(f"audio_codes must be a tensor of shape (batch, n_codebooks, frames), got {shape}")
-        if audio_codes.is_floating_point() or audio_codes.is_complex() or audio_codes.dtype == torch.bool:
-            raise TypeError(f"audio_codes must be an integer tensor, got dtype {audio_codes.dtype}")
-        n = audio_codes.shape[1]
-        if not 1 <= n <= self.config.n_codebooks:
-            raise ValueError(f"audio_codes has {n} codebooks; this model has {self.config.n_codebooks}")
-        if audio_codes.numel() == 0:
-            raise ValueError(f"audio_codes is empty: shape {tuple(audio_codes.shape)}")
-        audio_codes = audio_codes.long()
-        if torch.compiler.is_compiling():  # the value range is data-dependent: checked in eager calls only
-            return audio_codes
-        size = self.config.codebook_size
-        lo, hi = torch.aminmax(audio_codes)
-        queue = DeviceChecks() if checks is None else checks
-        queue.require((lo >= 0) & (hi < size),
-                      lambda: f"audio_codes must lie in [0, {size}), got values in [{lo.item()}, {hi.item()}]")
-        if checks is None:
-            queue.run()
-        return audio_codes
-
-    def _tile_frames(self, requested: int | None, default: int | None, inputs: torch.Tensor, net: nn.Module):
-        """Item-frames per tile, or None to run untiled (autograd needs the whole graph)."""
-        tile = default if requested is None else requested
-        if tile is None:
-            # CPU: 384 frames measured best across allocator settings with the buffer cache
-            # (benchmarks/bench_tiles.py, RESULTS.md)
-            tile = (16384 if net is self.encoder else 8192) if inputs.is_cuda else 384
-        if not isinstance(tile, int) or tile < 1:
-            raise ValueError(f"tile_frames must be a positive number of frames, got {tile!r}")
-        return None if _needs_graph(net, inputs) else tile
-
-    def _graphed(self, name: str, net: nn.Module, inputs: torch.Tensor, cuda_graphs):
-        """For ``cuda_graphs=True``: a wrapper that makes a tile function of ``net`` replay CUDA graphs, one per
-        (network, input shapes, dtype, device, ``cuda_graphs.kernel_settings()``) and weight version, captured on
-        first use (a few eager runs of the tile plus the capture: the first call of each shape is slower) and
-        kept in the model's ``cuda_graphs.GraphCache`` (sized to the tile shapes one call needs). Any change of
-        the weights (in-place update, load_state_dict, ``.to()``) drops every graph. Results equal the eager
-        tiles': the graph replays the same kernels on the same shapes. None for ``cuda_graphs=False``. Raises a
-        ValueError where graphs cannot run: not CUDA, autograd or training mode, torch.compile. One graphed
-        call at a time per model (a graph's static buffers are shared by its replays: concurrent threads would
-        overwrite each other's)."""
-        if cuda_graphs is False:
-            return None
-        if cuda_graphs is not True:
-            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-        if self.training or _needs_graph(net, inputs):
-            raise ValueError("cuda_graphs=True runs inference only: call model.eval() and encode/decode under "
-                             "torch.inference_mode() or torch.no_grad()")
-        if inputs.device.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs the model and its inputs on a CUDA device, got {inputs.device}; "
-                             "use cuda_graphs=False here")
-        if torch.compiler.is_compiling():
-            raise ValueError("cuda_graphs=True cannot run under torch.compile (its mode='reduce-overhead' "
-                             "captures CUDA graphs itself)")
-        # inference-tensor weights: versions not tracked, nothing can be kept (eager tiles)
-        cache = derived_from(self, "graphs", list(self.parameters()), cuda_graphs_module.GraphCache,
-                             store=cuda_graphs_module.MODEL_GRAPHS.setdefault(self, {}), untracked=lambda: None)
-        if cache is None:
-            return lambda fn: fn
-        return cache.wrapper(name, cuda_graphs_module.kernel_settings(self.backend))
 
     # ------------------------------------------------------------------ encode
     def encode(
@@ -528,7 +438,7 @@ class DacModel(PreTrainedConveniences, nn.Module):
         (the frames after those are padding); pass it to ``decode(..., audio_frames=)``.
 
         ``cuda_graphs=True`` (CUDA, inference only): the encoder's tiles replay CUDA graphs captured on first
-        use (see ``_graphed``); the codes are identical to ``cuda_graphs=False``.
+        use (see ``cuda_graphs.tile_graphs``); the codes are identical to ``cuda_graphs=False``.
         """
         checks = DeviceChecks()
         input_values = check_audio(input_values, checks).to(self.dtype)  # float64 numpy audio, or fp32 audio into a bf16 model
@@ -536,12 +446,13 @@ class DacModel(PreTrainedConveniences, nn.Module):
         if isinstance(n_quantizers, torch.Tensor) and n_quantizers.numel() == 1:
             queued_n_quantizers = checks.value(n_quantizers, int)  # its value is read with the other checks
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        graphs = self._graphed("encoder", self.encoder, input_values, cuda_graphs)
+        graphs = tile_graphs(self, "encoder", input_values, cuda_graphs, _inference(input_values, self.encoder))
         lengths = audio_frames = None
         if padding_mask is not None:
-            lengths = self._check_padding_mask(padding_mask, input_values, checks)
+            lengths = check_padding_mask(padding_mask, input_values, checks, _inference(input_values, self.encoder))
         checks.run()
-        n_quantizers = self._check_n_quantizers(n_quantizers if queued_n_quantizers is None else queued_n_quantizers[0])
+        n_quantizers = check_n_quantizers(n_quantizers if queued_n_quantizers is None else queued_n_quantizers[0],
+                                          self.config.n_codebooks)
         if padding_mask is not None:
             # Each item as the feature extractor gives it alone: zero-padded to whole hops (whatever the caller
             # put in its padding), so a padded batch and the single-clip path give the same codes and frames.
@@ -559,10 +470,11 @@ class DacModel(PreTrainedConveniences, nn.Module):
 
     def _encode_latent(self, input_values: torch.Tensor, tile_frames: int | None,
                        lengths: torch.Tensor | None = None, graphs=None) -> torch.Tensor:
-        """``graphs``: ``_graphed``'s wrapper, or None (eager)."""
+        """``graphs``: ``cuda_graphs.tile_graphs``'s wrapper, or None (eager)."""
         hop = self.config.hop_length
         length = input_values.shape[-1]
-        tile = self._tile_frames(tile_frames, self.encode_tile_frames, input_values, self.encoder)
+        tile = tile_frames_for("encoder", input_values, tile_frames, self.encode_tile_frames)
+        tile = None if _needs_graph(self.encoder, input_values) else tile  # autograd needs the whole graph
         n_frames = encoded_frames(self.config, length)
         if n_frames < 1:
             # Too short for the strided convolutions: zero-pad to one hop, as the CLI pads every file to whole hops.
@@ -576,25 +488,6 @@ class DacModel(PreTrainedConveniences, nn.Module):
         with ops.cpu_buffer_cache(input_values):
             return run_tiled(encoder, input_values, n_frames, hop, 1, n_frames, tile,
                              encoder_halo_frames(self.config), lengths)
-
-    def _check_padding_mask(self, padding_mask, input_values: torch.Tensor, checks: DeviceChecks) -> torch.Tensor:
-        """Valid lengths (B,) of a right-padding mask (B, T) for ``input_values`` (B, 1, T); its values are checked
-        by ``checks``."""
-        shape = (input_values.shape[0], input_values.shape[-1])
-        if not isinstance(padding_mask, torch.Tensor) or tuple(padding_mask.shape) != shape:
-            got = tuple(padding_mask.shape) if isinstance(padding_mask, torch.Tensor) else type(padding_mask).__name__
-            raise ValueError(f"padding_mask must be a tensor of shape (batch, samples) = {shape}, got {got}")
-        if _needs_graph(self.encoder, input_values) or self.training:
-            raise ValueError("padding_mask is supported in inference only (eval mode, no autograd)")
-        mask = padding_mask.to(input_values.device)
-        checks.require(((mask == 0) | (mask == 1)).all(), "padding_mask must hold only 0 (padding) and 1 (real samples)")
-        mask = mask.bool()
-        lengths = mask.sum(-1)
-        checks.require((mask == (torch.arange(shape[1], device=mask.device) < lengths.unsqueeze(1))).all(),
-                       "padding_mask must mark right padding: ones for each item's samples, then zeros")
-        checks.require((lengths > 0).all(), lambda: "padding_mask gives an item no samples "
-                       f"(items {lengths.eq(0).nonzero().flatten().tolist()})")
-        return lengths
 
     # ------------------------------------------------------------------ decode
     def decode(
@@ -614,21 +507,21 @@ class DacModel(PreTrainedConveniences, nn.Module):
         ``decoded_length(config, audio_frames[b])`` are zero.
 
         ``cuda_graphs=True`` (CUDA, inference only): the decoder's tiles replay CUDA graphs captured on first
-        use (see ``_graphed``); the audio equals ``cuda_graphs=False``'s."""
+        use (see ``cuda_graphs.tile_graphs``); the audio equals ``cuda_graphs=False``'s."""
         if quantized_representation is None and audio_codes is None:
             raise ValueError("Either `quantized_representation` or `audio_codes` must be provided.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         checks = DeviceChecks()
         with self._backend_scope():
             if audio_codes is not None:
-                audio_codes = source = self._check_codes(audio_codes, checks)
+                audio_codes = source = check_codes(audio_codes, self.config, checks)
             else:
-                self._check_latent(quantized_representation)
+                check_latent(quantized_representation, self.config.hidden_size)
                 source = quantized_representation
-            graphs = self._graphed("decoder", self.decoder, source, cuda_graphs)
+            graphs = tile_graphs(self, "decoder", source, cuda_graphs, _inference(source, self.decoder))
             lengths = None
             if audio_frames is not None:
-                lengths = self._check_audio_frames(audio_frames, source, checks)
+                lengths = check_audio_frames(audio_frames, source, checks, _inference(source, self.decoder))
             checks.run()
             if audio_codes is not None:
                 quantized_representation = self.quantizer.from_codes(audio_codes)[0]
@@ -640,33 +533,11 @@ class DacModel(PreTrainedConveniences, nn.Module):
             return (audio_values,)
         return DacDecoderOutput(audio_values)
 
-    def _check_latent(self, z: torch.Tensor) -> None:
-        d = self.config.hidden_size
-        if not isinstance(z, torch.Tensor) or z.dim() != 3 or z.shape[1] != d:
-            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            raise ValueError(f"quantized_representation must have shape (batch, {d}, frames), got {shape}")
-        if not z.is_floating_point():
-            raise TypeError(f"quantized_representation must be floating point, got dtype {z.dtype}")
-
-    def _check_audio_frames(self, audio_frames, z: torch.Tensor, checks: DeviceChecks) -> torch.Tensor:
-        """Frame counts (B,) for the latent or codes ``z`` (B, ., F); their values are checked by ``checks``."""
-        batch, frames = z.shape[0], z.shape[-1]
-        if not isinstance(audio_frames, torch.Tensor) or tuple(audio_frames.shape) != (batch,) \
-                or audio_frames.is_floating_point() or audio_frames.dtype == torch.bool:
-            got = (f"{tuple(audio_frames.shape)} {audio_frames.dtype}" if isinstance(audio_frames, torch.Tensor)
-                   else type(audio_frames).__name__)
-            raise ValueError(f"audio_frames must be an integer tensor of shape ({batch},), got {got}")
-        if _needs_graph(self.decoder, z) or self.training:
-            raise ValueError("audio_frames is supported in inference only (eval mode, no autograd)")
-        lengths = audio_frames.to(z.device)
-        checks.require(((lengths >= 1) & (lengths <= frames)).all(),
-                       lambda: f"audio_frames must lie in [1, {frames}], got {audio_frames.tolist()}")
-        return lengths
-
     def _decode_latent(self, z: torch.Tensor, tile_frames: int | None, lengths: torch.Tensor | None = None,
                        graphs=None):
-        """``graphs``: ``_graphed``'s wrapper, or None (eager)."""
-        tile = self._tile_frames(tile_frames, self.decode_tile_frames, z, self.decoder)
+        """``graphs``: ``cuda_graphs.tile_graphs``'s wrapper, or None (eager)."""
+        tile = tile_frames_for("decoder", z, tile_frames, self.decode_tile_frames)
+        tile = None if _needs_graph(self.decoder, z) else tile  # autograd needs the whole graph
         decoder = self.decoder if lengths is None else lambda x, valid: self.decoder.inference(x, PaddedBatch(valid))
         if tile is None:
             return decoder(z) if lengths is None else decoder(z, lengths)
@@ -677,29 +548,12 @@ class DacModel(PreTrainedConveniences, nn.Module):
             return run_tiled(decoder, z, n_frames, 1, self.config.hop_length,
                              decoded_length(self.config, n_frames), tile, decoder_halo_frames(self.config), lengths)
 
-    # ------------------------------------------------------------------ streaming
-    # ------------------------------------------------------------------ weight-derived caches
-    def clear_weight_caches(self) -> None:
-        """Drop everything built from the weights: polyphase and packed convolution weights, stacked and
-        normalized codebooks, captured CUDA graphs (rebuilt on next use). Changes made through the parameters
-        (in place under no_grad, ``load_state_dict``, ``.to()``) are seen without it; updates through ``.data``
-        bump no version counter, so call it after those. ``.to()``, ``.half()``, ``.cuda()`` ... call it first,
-        so no copy of the old weights outlives the move."""
-        for module in self.modules():
-            module.__dict__.pop("_derived", None)
-            PACKED_WEIGHTS.pop(module, None)
-        cuda_graphs_module.MODEL_GRAPHS.pop(self, None)
-
-    def _apply(self, fn, *args, **kwargs):
-        self.clear_weight_caches()
-        return super()._apply(fn, *args, **kwargs)
-
     def streaming_decoder(self, batch_size: int = 1, cuda_graphs: bool = False):
         """A ``dac_fast.streaming.StreamingDecoder`` for ``batch_size`` independent code streams:
         ``push(codes (B, n, f))`` returns the samples now final, ``flush()`` the rest; their concatenation
         equals ``decode(audio_codes=whole)`` to fp32 rounding. ``lookahead_frames``: frames needed after a
         frame before all its samples are returned. ``cuda_graphs=True`` (model on CUDA): steady-state pushes
-        of a repeated size replay a CUDA graph of the decoder step (``streaming._StepGraphs``); the audio
+        of a repeated size replay a CUDA graph of the decoder step (``cuda_graphs.StepGraphs``); the audio
         equals the eager stream's."""
         from .streaming import StreamingDecoder
 
@@ -723,73 +577,3 @@ class DacModel(PreTrainedConveniences, nn.Module):
         if not return_dict:
             return (loss, audio_values, quantized, codes, latents)
         return DacOutput(loss, audio_values, quantized, codes, latents)
-
-    # ------------------------------------------------------------------ loading and saving
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path=None, *, device=None, dtype=None, torch_dtype=None,
-                        device_map=None, backend=None, **kwargs) -> "DacModel":
-        """Load a transformers-format checkpoint: a local directory (config.json + model.safetensors or
-        pytorch_model.bin) or a hub id (local Hugging Face cache, or huggingface_hub when reachable).
-
-        dtype (or transformers' older ``torch_dtype``): a torch.dtype, its name, or "auto" (the checkpoint's);
-        device or transformers' ``device_map`` ("auto", a device, or {"": device}: the model is never split).
-        As in transformers: ``config=`` (a DacConfig, transformers' DacConfig or a path) instead of config.json,
-        ``state_dict=`` instead of the weights file (no path: both needed), ``output_loading_info=True`` (returns
-        (model, {missing_keys, unexpected_keys, mismatched_keys, error_msgs}); missing tensors keep their
-        initialization instead of raising), ``subfolder`` and the hub arguments revision, cache_dir,
-        local_files_only, token, force_download, proxies. Other keyword arguments raise a TypeError."""
-        from .loading import load_pretrained
-
-        return load_pretrained(cls, pretrained_model_name_or_path, device=device, dtype=dtype,
-                               torch_dtype=torch_dtype, device_map=device_map, backend=backend, **kwargs)
-
-    @classmethod
-    def from_original(cls, path, *, device=None, dtype=None, backend=None) -> "DacModel":
-        """Load an original descript-audio-codec ``.pth`` checkpoint (weight-norm pairs folded at load)."""
-        from .loading import load_original
-
-        return load_original(cls, path, device=device, dtype=dtype, backend=backend)
-
-    @classmethod
-    def from_transformers(cls, hf_model, *, backend=None) -> "DacModel":
-        """Convert an in-memory ``transformers.DacModel`` (weights copied, same device and dtype)."""
-        from .loading import convert_transformers
-
-        return convert_transformers(cls, hf_model, backend=backend)
-
-    @classmethod
-    def from_preset(cls, name: str, *, seed: int = 0, device=None, dtype=None, backend=None) -> "DacModel":
-        """A model in the real shapes of preset ``name`` with seeded RANDOM weights (for tests and demos:
-        it does not produce meaningful audio)."""
-        from .loading import randomize_
-
-        # ordinary tensors even inside inference_mode, as the loaders make (their weight caches track versions)
-        with torch.inference_mode(False):
-            model = cls(DacConfig.from_preset(name), backend=backend)
-            randomize_(model, seed)
-            return model.to(device=device, dtype=dtype).eval()
-
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
-        """Write config.json, model.safetensors and preprocessor_config.json, loadable by transformers; returns
-        their paths. ``state_dict=`` saves those tensors instead of the model's. ``push_to_hub=True`` then
-        uploads the directory (``repo_id``, ``commit_message``, ``private``, ``token``: huggingface_hub)."""
-        from .loading import save_pretrained
-
-        return save_pretrained(self, save_directory, push_to_hub=push_to_hub, **kwargs)
-
-    # ------------------------------------------------------------------ weight norm (training)
-    def _weight_norm_modules(self):
-        for module in self.modules():
-            if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
-                yield module
-
-    def apply_weight_norm(self) -> None:
-        """Reparametrize every convolution as g * v / ||v|| (dim 0), as in the original training setup."""
-        for module in self._weight_norm_modules():
-            nn.utils.parametrizations.weight_norm(module)
-
-    def remove_weight_norm(self) -> None:
-        """Fold weight-norm parametrizations back into plain weights."""
-        for module in self._weight_norm_modules():
-            if nn.utils.parametrize.is_parametrized(module, "weight"):
-                nn.utils.parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)

@@ -1,5 +1,6 @@
-"""The conveniences transformers' ``PreTrainedModel`` gives ``DacModel`` that users call: parameter counts,
-memory footprint, gradient checkpointing, ``push_to_hub``, class attributes."""
+"""``DacPreTrainedModel``, DacModel's base class, as transformers' ``PreTrainedModel`` is: weight
+initialization, loading and saving (both checkpoint formats), weight norm, weight-derived caches, and the
+conveniences users call (parameter counts, memory footprint, gradient checkpointing, ``push_to_hub``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .configuration import DacConfig
+from .weight_cache import clear_derived
 
 
 def run_block(block: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
@@ -18,13 +20,31 @@ def run_block(block: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
     return block(hidden_state)
 
 
-class PreTrainedConveniences:
-    """Mixed into ``DacModel`` (an ``nn.Module`` with ``encoder.block`` and ``decoder.block``)."""
+class DacPreTrainedModel(nn.Module):
+    """Base of ``DacModel`` (which has ``config``, ``encoder.block`` and ``decoder.block``)."""
 
     config_class = DacConfig
     base_model_prefix = "dac"
     main_input_name = "input_values"
     supports_gradient_checkpointing = True
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """transformers' initialization (random weights; checkpoints overwrite them)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv1d):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.constant_(module.bias, 0)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -81,3 +101,86 @@ class PreTrainedConveniences:
         from .hub import push_saved
 
         return push_saved(self, repo_id, **kwargs)
+
+    # ------------------------------------------------------------------ weight-derived caches
+    def clear_weight_caches(self) -> None:
+        """Drop everything built from the weights: polyphase and packed convolution weights, stacked and
+        normalized codebooks, captured CUDA graphs (rebuilt on next use). Changes made through the parameters
+        (in place under no_grad, ``load_state_dict``, ``.to()``) are seen without it; updates through ``.data``
+        bump no version counter, so call it after those. ``.to()``, ``.half()``, ``.cuda()`` ... call it first,
+        so no copy of the old weights outlives the move."""
+        clear_derived(self)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_weight_caches()
+        return super()._apply(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *, device=None, dtype=None, torch_dtype=None,
+                        device_map=None, backend=None, **kwargs) -> "DacPreTrainedModel":
+        """Load a transformers-format checkpoint: a local directory (config.json + model.safetensors or
+        pytorch_model.bin) or a hub id (local Hugging Face cache, or huggingface_hub when reachable).
+
+        dtype (or transformers' older ``torch_dtype``): a torch.dtype, its name, or "auto" (the checkpoint's);
+        device or transformers' ``device_map`` ("auto", a device, or {"": device}: the model is never split).
+        As in transformers: ``config=`` (a DacConfig, transformers' DacConfig or a path) instead of config.json,
+        ``state_dict=`` instead of the weights file (no path: both needed), ``output_loading_info=True`` (returns
+        (model, {missing_keys, unexpected_keys, mismatched_keys, error_msgs}); missing tensors keep their
+        initialization instead of raising), ``subfolder`` and the hub arguments revision, cache_dir,
+        local_files_only, token, force_download, proxies. Other keyword arguments raise a TypeError."""
+        from .loading import load_pretrained
+
+        return load_pretrained(cls, pretrained_model_name_or_path, device=device, dtype=dtype,
+                               torch_dtype=torch_dtype, device_map=device_map, backend=backend, **kwargs)
+
+    @classmethod
+    def from_original(cls, path, *, device=None, dtype=None, backend=None) -> "DacPreTrainedModel":
+        """Load an original descript-audio-codec ``.pth`` checkpoint (weight-norm pairs folded at load)."""
+        from .loading import load_original
+
+        return load_original(cls, path, device=device, dtype=dtype, backend=backend)
+
+    @classmethod
+    def from_transformers(cls, hf_model, *, backend=None) -> "DacPreTrainedModel":
+        """Convert an in-memory ``transformers.DacModel`` (weights copied, same device and dtype)."""
+        from .loading import convert_transformers
+
+        return convert_transformers(cls, hf_model, backend=backend)
+
+    @classmethod
+    def from_preset(cls, name: str, *, seed: int = 0, device=None, dtype=None, backend=None) -> "DacPreTrainedModel":
+        """A model in the real shapes of preset ``name`` with seeded RANDOM weights (for tests and demos:
+        it does not produce meaningful audio)."""
+        from .loading import randomize_
+
+        # ordinary tensors even inside inference_mode, as the loaders make (their weight caches track versions)
+        with torch.inference_mode(False):
+            model = cls(DacConfig.from_preset(name), backend=backend)
+            randomize_(model, seed)
+            return model.to(device=device, dtype=dtype).eval()
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """Write config.json, model.safetensors and preprocessor_config.json, loadable by transformers; returns
+        their paths. ``state_dict=`` saves those tensors instead of the model's. ``push_to_hub=True`` then
+        uploads the directory (``repo_id``, ``commit_message``, ``private``, ``token``: huggingface_hub)."""
+        from .loading import save_pretrained
+
+        return save_pretrained(self, save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    # ------------------------------------------------------------------ weight norm (training)
+    def _weight_norm_modules(self):
+        for module in self.modules():
+            if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
+                yield module
+
+    def apply_weight_norm(self) -> None:
+        """Reparametrize every convolution as g * v / ||v|| (dim 0), as in the original training setup."""
+        for module in self._weight_norm_modules():
+            nn.utils.parametrizations.weight_norm(module)
+
+    def remove_weight_norm(self) -> None:
+        """Fold weight-norm parametrizations back into plain weights."""
+        for module in self._weight_norm_modules():
+            if nn.utils.parametrize.is_parametrized(module, "weight"):
+                nn.utils.parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)

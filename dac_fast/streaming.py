@@ -24,16 +24,15 @@ same bits whatever window it is computed in; see ``convolution.conv_arithmetic``
 
 from __future__ import annotations
 
-import collections
 import math
 
 import torch
 import torch.nn as nn
 
+from .checks import check_codes, check_n_quantizers
 from .convolution import conv_arithmetic, conv_transpose_polyphase, zero_outside
 from .tiles import decoder_reach, encoded_frames, encoder_reach
-from .weight_cache import tensors_key
-from .cuda_graphs import capture_cuda_graph, kernel_settings
+from .cuda_graphs import StepGraphs, capture_cuda_graph
 
 
 class LayerStreams:
@@ -150,87 +149,6 @@ def _check_batch_size(batch_size) -> int:
     return batch_size
 
 
-class _CapturedStep:
-    """One steady-state decoder step: the latent of f frames and every layer's kept context in static buffers,
-    the step recorded by ``capture`` (``cuda_graphs.capture_cuda_graph``; tests on the CPU pass ``lambda run: run``, which
-    replays eagerly through the same bookkeeping)."""
-
-    def __init__(self, decoder: nn.Module, latent: torch.Tensor, layers: LayerStreams, capture):
-        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: copied into in any mode
-            self.latent = torch.empty_like(latent).copy_(latent)
-            self.context = {n: torch.empty_like(t).copy_(t) for n, t in layers.context.items()}
-        position, to_crop = dict(layers.position), dict(layers.to_crop)
-
-        def run():  # the step from the static buffers; its Python bookkeeping is the same at every run
-            layers.context, layers.position, layers.to_crop = dict(self.context), dict(position), dict(to_crop)
-            audio = decoder.inference(self.latent, layers)
-            self.advance = {n: layers.position[n] - position[n] for n in position}
-            return audio, dict(layers.context)
-
-        self.replay = capture(run)
-        self.to_crop = to_crop
-        layers.context, layers.position, layers.to_crop = dict(self.context), position, dict(to_crop)
-
-    def __call__(self, latent: torch.Tensor, layers: LayerStreams) -> torch.Tensor:
-        position = dict(layers.position)
-        self.latent.copy_(latent)
-        for name, kept in layers.context.items():
-            if kept is not self.context[name]:
-                self.context[name].copy_(kept)
-        audio, context = self.replay()
-        for name, kept in context.items():
-            self.context[name].copy_(kept)
-        layers.context, layers.to_crop = dict(self.context), dict(self.to_crop)
-        layers.position = {n: p + self.advance[n] for n, p in position.items()}
-        return audio.clone()  # the static output is overwritten by the next replay
-
-
-class _StepGraphs:
-    """``cuda_graphs=True`` of a streaming decoder: steady-state pushes replay a recorded step.
-
-    A step is steady when no stream was restarted alone, it is not the flush, every transposed convolution
-    has cropped its leading samples, and it leaves every layer's kept context with the shapes it found: then
-    the next push of the same size repeats the same kernels on the same shapes. The first such step of a push
-    size runs eagerly and marks the (push shape, context shapes, weights) key steady; the next is captured,
-    and later ones replay. First pushes, odd-sized pushes, pushes after ``reset(streams)`` (until
-    ``LayerStreams.settle``) and ``flush`` run eagerly. At most ``size`` recorded steps are kept (least recently
-    used dropped)."""
-
-    def __init__(self, capture, size: int = 4):
-        self.capture = capture
-        self.size = size
-        self.steady: set = set()
-        self.steps: collections.OrderedDict = collections.OrderedDict()
-
-    @staticmethod
-    def _shapes(layers: LayerStreams) -> tuple:
-        return tuple(sorted((name, tuple(t.shape)) for name, t in layers.context.items()))
-
-    def step(self, decoder: nn.Module, latent: torch.Tensor, layers: LayerStreams) -> torch.Tensor:
-        weights = tensors_key(list(decoder.parameters()))
-        if (weights is None or layers.starts is not None or layers.final or not layers.context
-                or any(layers.to_crop.values())):
-            return decoder.inference(latent, layers)
-        key = (tuple(latent.shape), latent.dtype, self._shapes(layers), weights, kernel_settings())
-        captured = self.steps.get(key)
-        if captured is None and key in self.steady:
-            state = dict(layers.context), dict(layers.position), dict(layers.to_crop)
-            try:
-                captured = self.steps[key] = _CapturedStep(decoder, latent, layers, self.capture)
-            except BaseException:  # the push fails as a whole: the streams' state is as before it
-                layers.context, layers.position, layers.to_crop = state
-                raise
-            while len(self.steps) > self.size:
-                self.steps.popitem(last=False)
-        if captured is not None:
-            self.steps.move_to_end(key)
-            return captured(latent, layers)
-        audio = decoder.inference(latent, layers)
-        if self._shapes(layers) == key[2] and not any(layers.to_crop.values()):
-            self.steady.add(key)
-        return audio
-
-
 class StreamingDecoder:
     """Decode ``batch_size`` independent code streams as their frames arrive; see ``DacModel.streaming_decoder``."""
 
@@ -243,7 +161,7 @@ class StreamingDecoder:
         if cuda_graphs and model.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, got {model.device}; "
                              "use cuda_graphs=False here")
-        self._graphs = _StepGraphs(capture_cuda_graph) if cuda_graphs else None  # see _StepGraphs
+        self._graphs = StepGraphs(capture_cuda_graph) if cuda_graphs else None  # see cuda_graphs.StepGraphs
         left, right = decoder_reach(self.config)
         # sample i is final once the frames at positions up to i + right are in
         self.lookahead_samples = right
@@ -295,7 +213,7 @@ class StreamingDecoder:
             raise ValueError(f"audio_codes has {audio_codes.shape[0]} streams; this decoder has {self.batch_size}")
         if self.n_codebooks is not None and audio_codes.shape[1] != self.n_codebooks:
             raise ValueError(f"audio_codes has {audio_codes.shape[1]} codebooks; earlier pushes had {self.n_codebooks}")
-        audio_codes = self.model._check_codes(audio_codes)  # integer, 1..n_codebooks codebooks, non-empty, in range
+        audio_codes = check_codes(audio_codes, self.model.config)  # integer, 1..n_codebooks codebooks, non-empty, in range
         return audio_codes.to(self.model.device)
 
     def push(self, audio_codes: torch.Tensor) -> torch.Tensor:
@@ -345,7 +263,7 @@ class StreamingEncoder:
         self.model = model
         self.config = model.config
         self.batch_size = _check_batch_size(batch_size)
-        self.n_quantizers = model._check_n_quantizers(n_quantizers)
+        self.n_quantizers = check_n_quantizers(n_quantizers, model.config.n_codebooks)
         # frame f (at sample f * hop_length) is final once samples through f * hop_length + right are in
         self.lookahead_samples = encoder_reach(self.config)[1]
         self.reset()

@@ -114,3 +114,20 @@ def run_tiled(fn, inputs: torch.Tensor, n_frames: int, in_per_frame: int, out_pe
         offset = (start - ctx_start) * out_per_frame
         out[items, :, start * out_per_frame : start * out_per_frame + width] = piece[..., offset : offset + width]
     return out
+
+
+# Item-frames per tile when the model's attribute and the call leave it open. CPU: 384 measured best across
+# allocator settings with the buffer cache (benchmarks/bench_tiles.py, RESULTS.md); CUDA: large, to fill the GPU.
+DEFAULT_TILE_FRAMES = {("cpu", "encoder"): 384, ("cpu", "decoder"): 384,
+                       ("cuda", "encoder"): 16384, ("cuda", "decoder"): 8192}
+
+
+def tile_frames_for(network: str, inputs: torch.Tensor, requested: int | None, default: int | None) -> int:
+    """Item-frames per tile for ``network`` ("encoder" or "decoder"): the call's ``requested`` value, else the
+    model's ``default`` attribute, else ``DEFAULT_TILE_FRAMES`` for the inputs' device."""
+    from .checks import check_tile_frames
+
+    tile = default if requested is None else requested
+    if tile is None:
+        tile = DEFAULT_TILE_FRAMES[("cuda" if inputs.is_cuda else "cpu", network)]
+    return check_tile_frames(tile)

@@ -3,6 +3,8 @@ per weight version: rebuilt when a weight changes in place, moves or is reloaded
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -41,3 +43,24 @@ def derived_from(owner: nn.Module, name: str, tensors, build, store: dict | None
         sources = [t.detach() for t in tensors]
     store[name] = (key, sources, value)
     return value
+
+
+# Stores beside the modules rather than on them, module -> {name: entry}, for values that cannot be deep-copied or
+# pickled (oneDNN weights, CUDA graphs): a copied or unpickled model builds its own.
+_SIDE_STORES: list[weakref.WeakKeyDictionary] = []
+
+
+def side_store() -> weakref.WeakKeyDictionary:
+    """A new store for ``derived_from(..., store=side_store().setdefault(module, {}))``, cleared by
+    ``clear_derived`` with the modules' own entries."""
+    store = weakref.WeakKeyDictionary()
+    _SIDE_STORES.append(store)
+    return store
+
+
+def clear_derived(root: nn.Module) -> None:
+    """Drop every value derived from the weights of ``root`` and its submodules."""
+    for module in root.modules():
+        module.__dict__.pop("_derived", None)
+        for store in _SIDE_STORES:
+            store.pop(module, None)

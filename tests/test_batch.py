@@ -296,7 +296,7 @@ def test_prefetch_memory_budget_bounds_loaded_audio(tmp_path, model):
 
 
 def test_load_model_dispatch(tmp_path, monkeypatch, capsys):
-    import dac_fast.batch as B
+    import dac_fast.job_model as B
 
     calls = []
 
@@ -473,7 +473,7 @@ def test_nothing_to_do_is_not_success(tmp_path, model):
 
 
 def test_bad_arguments_and_output_dir_fail_before_the_model_loads(tmp_path, monkeypatch):
-    import dac_fast.batch as B
+    import dac_fast.job_model as B
 
     def no_model():
         raise AssertionError("the model must not be built")

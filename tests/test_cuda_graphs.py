@@ -317,7 +317,7 @@ def test_streaming_step_bookkeeping_replayed_eagerly(cpu_model, reset):
     """The recorded-step bookkeeping (static buffers, context copied back, positions advanced) on the CPU, with
     a recorder that replays eagerly instead of a CUDA graph: every push equals the plain stream's exactly,
     also across a partial reset (pushes after it run eagerly from the state the replays left)."""
-    from dac_fast.streaming import _StepGraphs
+    from dac_fast.cuda_graphs import StepGraphs
 
     gen = torch.Generator().manual_seed(4)
     codes = torch.randint(0, 1024, (2, 12, 40), generator=gen)
@@ -326,7 +326,7 @@ def test_streaming_step_bookkeeping_replayed_eagerly(cpu_model, reset):
     expected = _stream(cpu_model.streaming_decoder(2), codes, sizes, reset_after)
     dec = cpu_model.streaming_decoder(2)
     recorded = []
-    dec._graphs = _StepGraphs(lambda run: recorded.append(run) or run)
+    dec._graphs = StepGraphs(lambda run: recorded.append(run) or run)
     outs = _stream(dec, codes, sizes, reset_after)
     assert len(recorded) == 1 and len(dec._graphs.steps) == 1, "steady 4-frame pushes should be recorded once"
     for i, (out, ref) in enumerate(zip(outs, expected)):

@@ -35,8 +35,8 @@ transformers = pytest.importorskip("transformers")
 from dac_fast import DacConfig, DacModel  # noqa: E402
 from dac_fast import dacfile  # noqa: E402
 from dac_fast import io as aio  # noqa: E402
-from dac_fast.batch import (AUDIO_EXTENSIONS, UserError, decode_files, encode_files, expand_inputs,  # noqa: E402
-                            output_collisions)
+from dac_fast.batch import UserError, decode_files, encode_files  # noqa: E402
+from dac_fast.planning import AUDIO_EXTENSIONS, expand_inputs, output_collisions  # noqa: E402
 from dac_fast.cli import main  # noqa: E402
 from dac_fast.dacfile import DacFile, DacFileError, load_any  # noqa: E402
 from dac_fast.loading import randomize_  # noqa: E402

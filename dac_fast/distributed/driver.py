@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import io as aio
-from ..batch import (AUDIO_EXTENSIONS, Failure, Report, _check_nq, encoded_output, expand_inputs, load_model,
-                     model_rate_and_hop, output_collisions, refuse_outputs_onto_inputs)
+from ..arguments import check_n_quantizers
+from ..job_model import load_model, model_config, model_rate_and_hop, n_codebooks_of
+from ..planning import AUDIO_EXTENSIONS, encoded_output, expand_inputs, output_collisions, refuse_outputs_onto_inputs
+from ..runner import Failure, Report
 from . import DEFAULT_STALL_TIMEOUT
 from .schema import DAC_DIR, RUN_INFO, SHARDS_DIR, completed, read_errors, shard_files, write_summary
 from .stages import AttemptLedger, Encoder, Reader, Writer
@@ -96,7 +98,7 @@ def encode_dataset(
     ``ray.data.read_binary_files(..., include_paths=True)``) or ``audio``/``amplitude`` holding
     samples (channels, samples) with a ``sample_rate`` column.
     ``output``: a directory every node sees (layout in dac_fast.distributed's docstring).
-    ``model``: a spec for :func:`dac_fast.batch.load_model` (directory, .pth, hub id, preset)
+    ``model``: a spec for :func:`dac_fast.job_model.load_model` (directory, .pth, hub id, preset)
     loaded once per actor, or a model object (pickled to the actors).
     ``batch_size``: inputs per actor call (items of equal frame count are encoded together).
     ``num_gpus_per_worker``: GPUs per encoder actor (0: CPU actors). ``concurrency``: number of
@@ -232,7 +234,7 @@ def _prepare_output(output: Path, model, seed, dtype, n_quantizers, normalize_db
     (output / SHARDS_DIR).mkdir(exist_ok=True)
     sr, hop, n_cb, spec, holder = _model_info(model, seed, dtype)
     if n_quantizers is not None:
-        _check_nq(n_quantizers, holder)
+        check_n_quantizers(n_quantizers, n_codebooks_of(holder.config))
     info = {"model_sample_rate": sr, "hop_length": hop, "n_codebooks": n_cb, "n_quantizers": n_quantizers,
             "normalize_db": normalize_db, "model": spec if isinstance(spec, str) else type(spec).__name__}
     info_path = output / RUN_INFO
@@ -262,23 +264,13 @@ def _model_info(model, seed, dtype):
 
     if isinstance(model, (str, os.PathLike)):
         spec = str(model)
-        holder = None
-        try:
-            from ..batch import PRESET_NAMES
-            from ..configuration import DacConfig
-
-            if spec in PRESET_NAMES:
-                holder = SimpleNamespace(config=DacConfig.from_preset(spec))
-            elif (Path(spec).expanduser() / "config.json").is_file():
-                holder = SimpleNamespace(config=DacConfig.from_pretrained(Path(spec).expanduser()))
-        except Exception:
-            holder = None
-        if holder is None:
-            holder = load_model(spec, "cpu", dtype, seed=seed, quiet=True)
+        config = model_config(spec)
+        holder = (SimpleNamespace(config=config) if config is not None
+                  else load_model(spec, "cpu", dtype, seed=seed, quiet=True))
     else:
         spec = holder = model
     sr, hop = model_rate_and_hop(holder)
-    return sr, hop, int(getattr(holder.config, "n_codebooks", 0)) or None, spec, holder
+    return sr, hop, n_codebooks_of(holder.config), spec, holder
 
 
 def _input_dataset(ray, inputs, output: Path, write_dac: bool, files_per_block: int, report: Report):
