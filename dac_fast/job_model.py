@@ -129,7 +129,7 @@ def check_model_spec(spec: Any) -> None:
 
 
 def _check_model_dir(directory: Path) -> None:
-    from .loading import CONFIG_NAME, SAFETENSORS_NAME, TORCH_WEIGHTS_NAME
+    from .hub import CONFIG_NAME, SAFETENSORS_NAME, TORCH_WEIGHTS_NAME
 
     if aio.open_problem(directory / CONFIG_NAME) == "no such file":
         raise UserError(f"{directory} is not a model directory: it has no {CONFIG_NAME}", "model")
