@@ -110,7 +110,9 @@ def cases(model, device: str):
         mask = (torch.arange(batch.shape[-1], device=device) < torch.tensor(item_lengths, device=device)[:, None]).long()
         out = model.encode(batch, padding_mask=mask)
         frames = out.audio_frames.tolist()
-        alone = [model.encode(batch[b : b + 1, :, :n]).audio_codes[0] for b, n in enumerate(item_lengths)]
+        # alone = as the feature extractor gives one clip: zero-padded to whole hops (encode(padding_mask=)'s contract)
+        alone = [model.encode(torch.nn.functional.pad(batch[b : b + 1, :, :n], (0, -n % hop))).audio_codes[0]
+                 for b, n in enumerate(item_lengths)]
         return torch.cat([out.audio_codes[b, :, : frames[b]] for b in range(len(frames))], -1), torch.cat(alone, -1)
 
     def graphs_encode():
