@@ -18,7 +18,8 @@ What is measured, per case (preset x op x batch x seconds) and side:
   * time: torch.inference_mode, --warmup calls then --repeats timed calls, median (CUDA synchronized);
     real-time factor = audio seconds processed (batch x seconds) / wall seconds; speedup = hf time / ours.
   * memory: every side runs in its own freshly spawned process (multiprocessing "spawn": no allocator state
-    or cache carried from another side; --isolation case runs all sides of a case in one process). CPU: peak RSS growth of one call above the RSS after model and input
+    or cache carried from another side; --isolation case runs all sides of a case in one process, --isolation
+    warm all cases of a side in one process, its model built once). CPU: peak RSS growth of one call above the RSS after model and input
     load (Linux VmHWM, reset through /proc/self/clear_refs; ru_maxrss if that is unavailable). CUDA:
     torch.cuda.max_memory_allocated growth. Measured on one extra untimed call after the timed ones (warm: no
     one-time initialisation or compilation in it; freed heap memory is trimmed before it).
@@ -60,6 +61,9 @@ if str(ROOT) not in sys.path:
 PRESETS = ("16khz", "24khz", "44khz")
 OPS = ("encode", "decode", "forward")
 DTYPES = ("fp32", "bf16", "fp16")
+ISOLATION = {"side": "each side of each case in a fresh multiprocessing spawn child",
+             "case": "all sides of a case in one fresh spawn child, in table order",
+             "warm": "one fresh spawn child per side for all its cases (model built once), in table order"}
 
 
 # ----------------------------------------------------------------------------- process setup (no torch here)
@@ -152,7 +156,7 @@ def build_models(preset: str, seed: int, device: str, want_ours: bool, want_hf: 
     from dac_fast.loading import randomize_
 
     cfg = DacConfig.from_preset(preset)
-    fields = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "latent_dim")}
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures")}
     hf = transformers.DacModel(transformers.DacConfig(**fields))
     randomize_(hf, seed)
     hf.eval()
@@ -224,8 +228,25 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+_SIDE_MODEL: dict = {}  # (preset, seed, device, side) -> (model, dtype): a warm process builds its side's once
+
+
+def _side_model(job: dict):
+    """The model of ``job``'s side (transformers, or ours in the side's dtype) and its input dtype."""
+    import torch
+
+    key = (job["preset"], job["seed"], job["device"], job["side"])
+    if key not in _SIDE_MODEL:
+        _SIDE_MODEL.clear()  # one side's model at a time (--isolation case runs several sides in one process)
+        is_ours = job["side"].startswith("ours")
+        hf, ours, _ = build_models(job["preset"], job["seed"], job["device"], is_ours, not is_ours)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[job.get("dtype", "fp32")]
+        _SIDE_MODEL[key] = (ours.to(dtype), dtype) if is_ours else (hf, dtype)
+    return _SIDE_MODEL[key]
+
+
 def run_side(job: dict) -> dict:
-    """Child: time one side of one case in a fresh process. Returns the numbers; outputs go to job['dir']."""
+    """Child: time one side of one case. Returns the numbers; outputs go to job['dir']."""
     allocator = tune_allocator(job["allocator"])
     import gc
 
@@ -237,15 +258,8 @@ def run_side(job: dict) -> dict:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = job["tf32"]
         torch.backends.cudnn.allow_tf32 = job["tf32"]
-    is_ours = side.startswith("ours")
     t0 = time.perf_counter()
-    hf, ours, cfg = build_models(job["preset"], job["seed"], device, is_ours, not is_ours)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[job.get("dtype", "fp32")]
-    if is_ours:
-        ours = ours.to(dtype)
-        model = ours
-    else:
-        model = hf
+    model, dtype = _side_model(job)
     gc.collect()
     _malloc_trim()
     load_s = time.perf_counter() - t0
@@ -320,17 +334,6 @@ def _graphed_call(model, op: str):
     return forward
 
 
-def run_sides_together(jobs: list[dict]) -> list:
-    """Child for --isolation case: every side of one case in this one process, one after another."""
-    out = []
-    for job in jobs:
-        try:
-            out.append(("ok", run_side(job)))
-        except Exception as e:  # noqa: BLE001
-            out.append(("error", f"{type(e).__name__}: {e}"))
-    return out
-
-
 def _child(target, job, conn):
     try:
         conn.send(("ok", target(job)))
@@ -342,21 +345,59 @@ def _child(target, job, conn):
         conn.close()
 
 
-def in_child(target, job: dict, timeout: float | None = None) -> dict:
+def _child_each(target, jobs, conn):
+    try:
+        for job in jobs:
+            try:
+                conn.send(("ok", target(job)))
+            except Exception as e:  # noqa: BLE001 - that job's failure; the next ones still run
+                conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def _spawn(child, target, arg):
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(target, job, send))
+    p = ctx.Process(target=child, args=(target, arg, send))
     p.start()
     send.close()
+    return p, recv
+
+
+def _receive(p, recv, timeout):
+    """The child's next message, or ("error", why) when it timed out (it is killed) or died."""
     try:
         if not recv.poll(timeout):
             p.kill()
-            raise RuntimeError(f"child timed out after {timeout} s")
-        status, payload = recv.recv()
+            return "error", f"child timed out after {timeout} s"
+        return recv.recv()
     except EOFError:
-        status, payload = "error", "child died without a result (killed for memory?)"
+        return "error", "child died without a result (killed for memory?)"
+
+
+def in_child_each(target, jobs: list[dict], timeout: float | None = None):
+    """Yields target(job)'s ("ok", result) or ("error", message) for each job, all run in one fresh process
+    (warm: CUDA context, imports and compiled kernels carried from job to job), each as soon as it is done;
+    ``timeout`` per job."""
+    p, recv = _spawn(_child_each, target, jobs)
+    for i in range(len(jobs)):
+        status, payload = _receive(p, recv, timeout)
+        yield status, payload
+        if status == "error":
+            p.join(1)  # a child that timed out (killed) or died has exited by now; a failed job's goes on
+            if not p.is_alive():
+                for _ in jobs[i + 1 :]:
+                    yield "error", f"not run: the process ended ({payload.splitlines()[0]})"
+                return
+    p.join()
+
+
+def in_child(target, job, timeout: float | None = None):
+    p, recv = _spawn(_child, target, job)
+    status, payload = _receive(p, recv, timeout)
     p.join()
     if status != "ok":
         raise RuntimeError(payload)
@@ -550,12 +591,17 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPES, default=None, help="shorthand: add this dtype to --dtypes")
     p.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (off by default)")
     p.add_argument("--compile", action="store_true", help="also time transformers under torch.compile")
+    p.add_argument("--compile-batches", nargs="*", type=int, default=[],
+                   help="with --compile: only cases of these batch sizes get the torch.compile side (each compile "
+                        "costs a minute or more from a cold cache)")
     p.add_argument("--cuda-graphs-batches", nargs="*", type=int, default=[],
                    help="batch sizes whose cases also time ours fp32 with cuda_graphs=True (CUDA only)")
     p.add_argument("--no-reference", action="store_true", help="skip transformers (ours only; no agreement)")
-    p.add_argument("--isolation", choices=["side", "case"], default="side",
+    p.add_argument("--isolation", choices=["side", "case", "warm"], default="side",
                    help="side: each side of each case in its own fresh process (default; no allocator state "
-                        "carried over); case: all sides of a case in one process, transformers first")
+                        "carried over); case: all sides of a case in one process, transformers first; warm: "
+                        "one process per side for all its cases (its model built once, torch.compile's "
+                        "and CUDA's start paid once per side), each case's row written as it finishes")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -611,8 +657,7 @@ def main(argv=None) -> int:
     info = machine_info(device, threads)
     info.update(allocator=allocator, allocator_setting=args.allocator, seed=args.seed, warmup=args.warmup,
                 repeats=args.repeats, tf32=args.tf32 if device == "cuda" else None, dtypes=args.dtypes,
-                isolation=("each side of each case in a fresh multiprocessing spawn child" if args.isolation == "side"
-                           else "all sides of a case in one fresh spawn child, in table order"))
+                isolation=ISOLATION[args.isolation])
     print(f"# device {device}, {threads} threads, {allocator}; {len(cases)} cases x sides "
           f"{ref_sides + sides + compile_sides}",
           flush=True)
@@ -622,46 +667,19 @@ def main(argv=None) -> int:
     tag = args.tag or f"{device}_{args.allocator}" + ("_quick" if args.quick else "")
     records = []
     with tempfile.TemporaryDirectory(prefix="bench_model_") as tmp:
-        for ci, (preset, op, batch, seconds, warmup, repeats, purpose) in enumerate(cases):
-            d = os.path.join(tmp, f"case{ci}")
-            os.makedirs(d)
-            base = dict(preset=preset, op=op, batch=batch, seconds=seconds, seed=args.seed, device=device,
-                        threads=threads, allocator=args.allocator, dir=d, tf32=args.tf32)
-            try:
-                prep = in_child(prep_inputs, dict(base, need_latent=op == "decode"), args.timeout)
-            except RuntimeError as e:
-                print(f"  prep failed for {preset} {op} B{batch} {seconds}s: {e}", flush=True)
-                continue
-            audio_s = prep["samples"] / _sampling_rate(preset)
-            case_recs, jobs = {}, []
-            graph_sides = ["ours-fp32-graphs"] if batch in args.cuda_graphs_batches else []
-            for side in ref_sides + sides + graph_sides + compile_sides:
-                dtype = side.split("-")[1] if side.startswith("ours-") else "fp32"
-                w = max(warmup, 1) if side == "hf-compile" else warmup  # the compiling call is never timed
-                jobs.append(dict(base, side=side, dtype=dtype, warmup=w, repeats=repeats))
-                case_recs[side] = dict(preset=preset, op=op, batch=batch, seconds=seconds, audio_seconds=audio_s,
-                                       side=side, dtype=dtype, purpose=purpose, warmup=w, repeats=repeats,
-                                       isolation=args.isolation)
-            if args.isolation == "case":
-                try:
-                    results = in_child(run_sides_together, jobs, args.timeout)
-                except RuntimeError as e:
-                    results = [("error", str(e))] * len(jobs)
-                done = zip(jobs, results)
+        jobs, case_recs = plan_jobs(cases, args, device, threads, tmp, ref_sides, sides, compile_sides)
+        for job, (status, payload) in run_jobs(jobs, args.isolation, args.timeout):
+            rec = case_recs[job["case"]][job["side"]]
+            if status == "ok":
+                rec.update(payload)
+                rec["rtf"] = job["batch"] * rec["audio_seconds"] / rec["median_s"]
             else:
-                done = ((job, _run_isolated(job, args.timeout)) for job in jobs)
-            for job, (status, payload) in done:
-                rec = case_recs[job["side"]]
-                if status == "ok":
-                    rec.update(payload)
-                    rec["rtf"] = batch * audio_s / rec["median_s"]
-                else:
-                    rec["error"] = payload
-                records.append(rec)
-                _compare_sides(case_recs, d)
-                _print_side(rec)
-                # rewritten after every side: a run cut short still leaves what it measured
-                write_outputs(records, info, out, tag, args)
+                rec["error"] = payload
+            records.append(rec)
+            _compare_sides(case_recs[job["case"]], job["dir"])
+            _print_side(rec)
+            # rewritten after every side: a run cut short still leaves what it measured
+            write_outputs(records, info, out, tag, args)
 
     if hasattr(os, "getloadavg"):
         # A busy machine slows every side: compare loadavg with the thread count before trusting CPU numbers.
@@ -673,6 +691,65 @@ def main(argv=None) -> int:
     print(msg or f"chart: {out / f'bench_model_{tag}.png'}")
     print(f"wrote {out / f'bench_model_{tag}.md'} and .json")
     return 1 if any("error" in r for r in records) else 0
+
+
+def plan_jobs(cases, args, device, threads, tmp, ref_sides, sides, compile_sides):
+    """Inputs written for every case (one child), then one job per (case, side) in table order, and the
+    records they fill: ({case: {side: record}})."""
+    bases = []
+    for ci, (preset, op, batch, seconds, warmup, repeats, purpose) in enumerate(cases):
+        d = os.path.join(tmp, f"case{ci}")
+        os.makedirs(d)
+        bases.append(dict(preset=preset, op=op, batch=batch, seconds=seconds, seed=args.seed, device=device,
+                          threads=threads, allocator=args.allocator, dir=d, tf32=args.tf32, case=ci,
+                          need_latent=op == "decode"))
+    try:
+        prepared = in_child(prep_all, bases, args.timeout)
+    except RuntimeError as e:
+        prepared = [("error", str(e))] * len(bases)
+    jobs, case_recs = [], {}
+    for base, (preset, op, batch, seconds, warmup, repeats, purpose), (status, prep) in zip(bases, cases, prepared):
+        if status != "ok":
+            print(f"  prep failed for {preset} {op} B{batch} {seconds}s: {prep}", flush=True)
+            continue
+        audio_s = prep["samples"] / _sampling_rate(preset)
+        graph_sides = ["ours-fp32-graphs"] if batch in args.cuda_graphs_batches else []
+        compiled = compile_sides if not args.compile_batches or batch in args.compile_batches else []
+        recs = case_recs[base["case"]] = {}
+        for side in ref_sides + sides + graph_sides + compiled:
+            dtype = side.split("-")[1] if side.startswith("ours-") else "fp32"
+            w = max(warmup, 1) if side == "hf-compile" else warmup  # the compiling call is never timed
+            jobs.append(dict(base, side=side, dtype=dtype, warmup=w, repeats=repeats))
+            recs[side] = dict(preset=preset, op=op, batch=batch, seconds=seconds, audio_seconds=audio_s, side=side,
+                              dtype=dtype, purpose=purpose, warmup=w, repeats=repeats, isolation=args.isolation)
+    return jobs, case_recs
+
+
+def prep_all(bases: list[dict]) -> list:
+    """Child: ``prep_inputs`` of every case, ("ok", result) or ("error", message) each."""
+    out = []
+    for base in bases:
+        try:
+            out.append(("ok", prep_inputs(base)))
+        except Exception as e:  # noqa: BLE001 - that case is skipped, the others run
+            out.append(("error", f"{type(e).__name__}: {e}"))
+    return out
+
+
+def run_jobs(jobs: list[dict], isolation: str, timeout: float):
+    """Yields (job, (status, payload)) as each job finishes. side: each job in a fresh process; case: the jobs
+    of one case in one process; warm: the jobs of one side (all its cases) in one process, its results
+    streamed back one by one."""
+    if isolation == "side":
+        for job in jobs:
+            yield job, _run_isolated(job, timeout)
+        return
+    key = "case" if isolation == "case" else "side"
+    groups: dict = {}
+    for job in jobs:
+        groups.setdefault(job[key], []).append(job)
+    for group in groups.values():
+        yield from zip(group, in_child_each(run_side, group, timeout))
 
 
 def _run_isolated(job: dict, timeout: float):

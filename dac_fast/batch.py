@@ -28,418 +28,46 @@ the model supports it); this module never windows the model itself.
 
 No lost work, no wrong work: outputs are written to a temporary file in the output directory and
 renamed; a re-run skips outputs whose record matches (same model and settings, unchanged source,
-output intact) and redoes the others; bad inputs are reported (path + reason) and skipped;
-Ctrl-C / SIGTERM finishes in-flight writes and removes temporaries. Mistakes in the arguments
-raise :class:`UserError` before any model is loaded.
+output intact) and redoes the ones it knows as its own; a file the tools did not write is never
+replaced without ``overwrite`` (``dac_fast.resume``); bad inputs are reported (path + reason) and
+skipped; a full disk stops the run; Ctrl-C / SIGTERM finishes in-flight writes and removes
+temporaries. Mistakes in the arguments raise :class:`UserError` before any model is loaded.
 """
 
 from __future__ import annotations
 
-import glob
-import inspect
 import math
-import os
-import re
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from . import io as aio
-from .configuration import PRESETS, n_quantizers_problem
-from .dacfile import DacFile, DacFileError, load_any
-from .resume import OutputLog, model_identity
-from .runner import Failure, Report, _Item, _run, _to_device  # noqa: F401 (re-exported)
-
-AUDIO_EXTENSIONS = (
-    ".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc",
-    ".au", ".snd", ".caf", ".w64", ".rf64", ".sd2", ".voc", ".htk", ".mat", ".pvf", ".xi",
+from .arguments import UserError, check_positive, prepare_output_dir
+from .configuration import PRESETS
+from .dacfile import DacFile, load_any
+from .job_model import JobModel, load_model, model_rate_and_hop, supports_padding_mask
+from .planning import (
+    AUDIO_EXTENSIONS,
+    CODE_EXTENSIONS,
+    audio_intact,
+    codes_intact,
+    encoded_output,
+    expand_inputs,
+    plan_jobs,
 )
-CODE_EXTENSIONS = (".dac", ".json")
+from .resume import OutputLog
+from .runner import Failure, Report, _Item, _run, _to_device
+
+# the names users import from here, beside encode_files/decode_files/info
+__all__ = ["encode_files", "decode_files", "info", "load_model", "model_rate_and_hop", "UserError", "Failure",
+           "Report", "AUDIO_EXTENSIONS", "CODE_EXTENSIONS", "FORMATS", "BUCKETS", "SUBTYPES"]
+
 FORMATS = ("dac", "npy")
 BUCKETS = ("exact", "mask", "pad")  # how the encoder groups items into batches (module docstring)
-PRESET_NAMES = tuple(PRESETS)
 SUBTYPES = {"pcm16": "PCM_16", "pcm24": "PCM_24", "float": "FLOAT"}
-
-
-class UserError(ValueError):
-    """A mistake in what the caller asked for (an argument, the output directory, the model spec).
-
-    ``argument`` names the keyword argument at fault (None when it is not one argument); the CLI
-    prints ``--flag-name: message`` without a traceback and exits 2."""
-
-    def __init__(self, message: str, argument: str | None = None):
-        self.message, self.argument = message, argument
-        super().__init__(f"{argument}: {message}" if argument else message)
-
-    def for_cli(self) -> str:
-        if not self.argument:
-            return self.message
-        return f"--{self.argument.replace('_', '-')}: {self.message}"
-
-
-# ----------------------------------------------------------------------------------------------
-# model helpers
-# ----------------------------------------------------------------------------------------------
-def _is_model(obj) -> bool:
-    import torch
-
-    return isinstance(obj, torch.nn.Module) or (hasattr(obj, "encode") and hasattr(obj, "config"))
-
-
-def load_model(spec: Any, device: str | None = None, dtype: Any = None, *, seed: int = 0, quiet: bool = False):
-    """Load a DAC model from ``spec``.
-
-    ``spec``: an already-built model (returned as is, moved to device/dtype); a zero-argument
-    callable returning one (called here, so callers can defer loading until needed); a local
-    directory (``DacModel.from_pretrained``); an original ``.pth`` checkpoint
-    (``DacModel.from_original``); a preset name ``16khz``/``24khz``/``44khz``/``44khz_16kbps``
-    (``DacModel.from_preset``: RANDOM weights in the real shapes, for trying the pipeline out -
-    a warning says so unless ``quiet``); anything else is treated as a hub id (``from_pretrained``).
-    Raises :class:`UserError` (argument ``model``/``device``/``dtype``) when the spec cannot be used.
-    """
-    import torch
-
-    dev = check_device(device)
-    dt = parse_dtype(dtype)
-    if callable(spec) and not _is_model(spec) and not isinstance(spec, (str, os.PathLike)):
-        spec = spec()  # a zero-argument loader: the model is built only when there is work to do
-    if _is_model(spec):
-        model = spec
-    else:
-        model = _load_from_spec(str(spec), seed, quiet)
-    if dev is not None or dt is not None:
-        model = model.to(device=dev, dtype=dt)
-    model.eval()
-    return model
-
-
-_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
-_HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
-
-
-def check_model_spec(spec: Any) -> None:
-    """A :class:`UserError` (argument ``model``) for a spec that cannot name a model: a missing path,
-    a file that is no checkpoint, or a name that is neither a preset nor a hub id like
-    'descript/dac_16khz'. Checked before any work; the hub itself is asked only when loading."""
-    if _is_model(spec) or callable(spec):
-        return
-    s = str(spec)
-    p = Path(s).expanduser()
-    presets = f"presets with random weights: {', '.join(PRESET_NAMES)}"
-    if s in PRESET_NAMES or p.is_dir() or (p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES):
-        return
-    if p.is_file():
-        raise UserError(f"don't know how to load a model from file {p} (expected a model directory, a "
-                        f"{'/'.join(_CHECKPOINT_SUFFIXES)} checkpoint, a hub id or a preset)", "model")
-    if p.suffix in _CHECKPOINT_SUFFIXES or s.startswith((".", "/", "~")):
-        raise UserError(f"{p} does not exist (checkpoint or model directory expected; {presets})", "model")
-    if not _HUB_ID.fullmatch(s):
-        raise UserError(f"{s!r} is not a local model directory, a checkpoint file or a hub id like "
-                        f"'descript/dac_16khz' ({presets})", "model")
-
-
-def _load_from_spec(spec: str, seed: int, quiet: bool):
-    check_model_spec(spec)
-    DacModel = _dac_model_class()
-    p = Path(spec).expanduser()
-    if spec in PRESET_NAMES:
-        if not quiet:
-            warnings.warn(f"model preset {spec!r} has RANDOM weights (seed {seed}) in the real shapes: codes and "
-                          "audio are meaningless; load a checkpoint for real use", UserWarning, stacklevel=3)
-        return DacModel.from_preset(spec, seed=seed)
-    try:
-        if p.is_dir():
-            return DacModel.from_pretrained(str(p))
-        if p.is_file():
-            return DacModel.from_original(str(p))
-        return DacModel.from_pretrained(spec)
-    except Exception as exc:  # a corrupt or foreign checkpoint (torch.load, safetensors, config) is the user's to fix
-        raise UserError(f"cannot load model {spec!r}: {type(exc).__name__}: {str(exc)[:500]}", "model") from None
-
-
-def check_device(device) -> Any:
-    """``device`` as a torch.device, or None; a :class:`UserError` (argument ``device``) when it is
-    malformed or names a CUDA device this machine cannot use."""
-    import torch
-
-    if device is None:
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UserError(f"not a torch device: {device!r} ({exc})", "device") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA driver or GPU is visible"
-            raise UserError(f"{device!r} requested but CUDA is not available ({why}); use --device cpu", "device")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"{device!r} requested but only {torch.cuda.device_count()} CUDA device(s) are visible", "device")
-    return dev
-
-
-def parse_dtype(dtype):
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    try:
-        return names[str(dtype).lower()]
-    except KeyError:
-        raise UserError(f"unknown dtype {dtype!r}; expected one of {sorted(names)}", "dtype") from None
-
-
-def _dac_model_class():
-    from .modeling import DacModel
-
-    return DacModel
-
-
-def model_config(spec: Any):
-    """The config of ``spec`` when it can be read without building the model (a model object, a
-    preset, a local directory with config.json), else None."""
-    if _is_model(spec):
-        return spec.config
-    from .configuration import DacConfig
-
-    s = str(spec)
-    if s in PRESET_NAMES:
-        return DacConfig.from_preset(s)
-    p = Path(s).expanduser()
-    if (p / "config.json").is_file():
-        try:
-            return DacConfig.from_pretrained(p)
-        except (OSError, ValueError):
-            return None
-    return None
-
-
-def model_rate_and_hop(model) -> tuple[int, int]:
-    cfg = getattr(model, "config", model)
-    ratios = getattr(cfg, "downsampling_ratios", None)
-    hop = int(np.prod(ratios)) if ratios else int(cfg.hop_length)  # hub configs may carry a stale hop
-    return int(cfg.sampling_rate), hop
-
-
-def check_n_quantizers(n_quantizers, n_codebooks: int | None = None) -> int | None:
-    """``n_quantizers`` as an int in 1..n_codebooks (None passes through); :class:`UserError` otherwise."""
-    if n_quantizers is None:
-        return None
-    nq = int(n_quantizers) if isinstance(n_quantizers, np.integer) else n_quantizers
-    problem = n_quantizers_problem(nq, n_codebooks)
-    if problem:
-        raise UserError(problem, "n_quantizers")
-    return nq
-
-
-def _n_codebooks(config) -> int | None:
-    return int(getattr(config, "n_codebooks", 0)) or None
-
-
-def _check_nq(n_quantizers, model) -> int:
-    """``check_n_quantizers`` against a model (kept for the Ray encoder)."""
-    return check_n_quantizers(n_quantizers, _n_codebooks(model.config))
-
-
-def _check_positive(**values):
-    for name, v in values.items():
-        if int(v) < 1:
-            raise UserError(f"must be >= 1, got {v}", name)
-
-
-def _accepts(fn, name) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def _model_device_dtype(model):
-    import torch
-
-    try:
-        p = next(model.parameters())
-        return p.device, p.dtype
-    except (StopIteration, AttributeError):
-        return torch.device("cpu"), torch.float32
-
-
-def _setup(task: str, model, seed: int, dtype, **settings) -> dict:
-    """Everything that changes what a run writes, for the output records (``dac_fast.resume``)."""
-    dt = parse_dtype(dtype)
-    if dt is None:
-        dt = _model_device_dtype(model)[1] if _is_model(model) else "torch.float32"
-    return {"task": task, "model": model_identity(model, seed), "dtype": str(dt), **settings}
-
-
-# ----------------------------------------------------------------------------------------------
-# output directory and inputs
-# ----------------------------------------------------------------------------------------------
-def prepare_output_dir(output_dir) -> Path:
-    """Create ``output_dir`` and prove it writable, before any work: a :class:`UserError`
-    (argument ``output_dir``) when it is a file, cannot be created or cannot be written."""
-    p = Path(output_dir).expanduser()
-    if p.exists() and not p.is_dir():
-        raise UserError(f"{p} exists and is not a directory", "output_dir")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=aio.TMP_PREFIX + "probe-", dir=p)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f"cannot write to {p}: {exc.strerror or exc}", "output_dir") from None
-    aio.cleanup_temp_files(p)
-    return p
-
-
-def expand_inputs(inputs: Iterable[Any], extensions: Sequence[str]) -> tuple[list[tuple[Path, Path]], list[Failure]]:
-    """Expand files, directories (recursive) and glob patterns.
-
-    Returns ``([(path, relative output stem base)], failures)``: a directory's files keep
-    their path relative to it (so outputs mirror the tree); plain files and glob matches use
-    their name. Inputs that match nothing are failures; so is a directory without a single file
-    of ``extensions`` (the failure says what it holds instead).
-    """
-    exts = tuple(e.lower() for e in extensions)
-    out: list[tuple[Path, Path]] = []
-    failures: list[Failure] = []
-    seen = set()
-
-    def add(p: Path, rel: Path):
-        key = os.path.abspath(p)
-        if key not in seen:
-            seen.add(key)
-            out.append((p, rel))
-
-    for item in inputs if not isinstance(inputs, (str, os.PathLike)) else [inputs]:
-        s = str(item)
-        p = Path(s).expanduser()
-        if p.is_dir():
-            found = [q for q in sorted(p.rglob("*")) if _wanted(q, exts)]
-            if not found:
-                kind = "audio" if set(exts) == set(AUDIO_EXTENSIONS) else "/".join(exts)
-                failures.append(Failure(s, f"no {kind} files found (it holds {_describe_contents(p)})"))
-            for q in found:
-                add(q, q.relative_to(p))
-        elif p.exists():
-            add(p, Path(p.name))
-        elif glob.has_magic(s):
-            matches = sorted(glob.glob(os.path.expanduser(s), recursive=True))
-            files = [Path(m) for m in matches if Path(m).is_file()]
-            if not files:
-                failures.append(Failure(s, "glob matched no files"))
-            for q in files:
-                add(q, Path(q.name))
-        else:
-            failures.append(Failure(s, "no such file or directory"))
-    return out, failures
-
-
-def _wanted(q: Path, exts) -> bool:
-    if not q.is_file() or q.suffix.lower() not in exts or q.name.startswith("."):
-        return False  # hidden files: our temporaries and records, editors' and OSes' droppings
-    if _is_npy_codes(q):
-        return False
-    return q.suffix.lower() != ".json" or _json_has_codes(q)
-
-
-def _describe_contents(directory: Path) -> str:
-    counts: dict[str, int] = {}
-    for q in directory.rglob("*"):
-        if q.is_file() and not q.name.startswith("."):
-            ext = ".codes.npy" if _is_npy_codes(q) else (q.suffix.lower() or "(no extension)")
-            counts[ext] = counts.get(ext, 0) + 1
-    if not counts:
-        return "no files"
-    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-    return ", ".join(f"{n} {ext}" for ext, n in top) + (" ..." if len(counts) > 5 else "")
-
-
-def _is_npy_codes(p: Path) -> bool:
-    return p.name.endswith(".codes.npy")
-
-
-def _json_has_codes(p: Path) -> bool:
-    return p.with_name(p.name[: -len(".json")] + ".codes.npy").exists()
-
-
-# ----------------------------------------------------------------------------------------------
-# output naming / trust
-# ----------------------------------------------------------------------------------------------
-def encoded_output(output_dir: Path, rel: Path, fmt: str) -> Path:
-    """The primary output of encoding ``rel``: ``.dac``, or the ``.json`` (written last) for npy."""
-    stem = output_dir / rel.with_suffix("")
-    if fmt == "dac":
-        return stem.with_name(stem.name + ".dac")
-    return stem.with_name(stem.name + ".json")
-
-
-def _codes_intact(out: Path, holds: dict) -> str | None:
-    """None when the codes output reads back with the recorded shape, else what is wrong."""
-    try:
-        f = load_any(out)
-    except (DacFileError, OSError, ValueError) as exc:
-        return str(exc).split(": ", 1)[-1]
-    if list(f.codes.shape) != holds.get("shape"):
-        return f"codes shape {list(f.codes.shape)}, recorded {holds.get('shape')}"
-    return None
-
-
-def _audio_intact(out: Path, holds: dict) -> str | None:
-    """None when the decoded audio's header shows the recorded channels and length."""
-    try:
-        _, channels, frames = aio.audio_info(out)
-    except aio.AudioError as exc:
-        return exc.reason
-    if [channels, frames] != [holds.get("channels"), holds.get("frames")]:
-        return f"{channels} channels x {frames} frames, recorded {holds.get('channels')} x {holds.get('frames')}"
-    return None
-
-
-def _plan(expanded, out_of, log: OutputLog, intact, overwrite: bool, report: Report):
-    """The (source, output) jobs of this run. Existing outputs are skipped only when their record
-    vouches for them; made with another setup, the run is refused (:class:`UserError`)."""
-    jobs, claimed, foreign = [], {}, []
-    for src, rel in expanded:
-        out = out_of(rel)
-        key = os.path.abspath(out)
-        if key in claimed:
-            report.failures.append(Failure(str(src), f"output {out} already claimed by {claimed[key]} (same name, different extension?)"))
-            continue
-        claimed[key] = str(src)
-        if not overwrite and out.exists():
-            verdict, why = log.verdict(src, out, intact)
-            if verdict == "skip":
-                report.skipped.append((str(src), str(out)))
-                continue
-            if verdict == "foreign":
-                foreign.append((out, why))
-                continue
-            report.redone.append(Failure(str(src), why))
-        jobs.append((src, out))
-    if foreign:
-        out, why = foreign[0]
-        raise UserError(
-            f"{len(foreign)} existing output(s) in {log.output_dir} were made with a different setup ({why}), "
-            f"e.g. {out}. Use another output directory, or overwrite=True (--overwrite) to redo them.", "output_dir")
-    return jobs
-
-
-def supports_padding_mask(model) -> bool:
-    """Whether ``model.encode`` takes ``padding_mask`` (dac_fast's DacModel: each item of a padded batch is
-    encoded exactly as if alone)."""
-    try:
-        return "padding_mask" in inspect.signature(model.encode).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def encode_rows(model, rows: list, frames: list, hop: int, device, dtype, n_quantizers=None, masked=False,
@@ -482,21 +110,11 @@ def _as_numpy(t):
     return t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
 
 
-def _start(model, output_dir, n_quantizers, batch_size, workers, device, dtype):
-    """The checks every run makes before any work: arguments, device, n_quantizers against the
-    model's config where it can be read without loading, the output directory."""
-    _check_positive(batch_size=batch_size, workers=workers)
-    check_n_quantizers(n_quantizers)
-    check_device(device)
-    parse_dtype(dtype)
-    check_model_spec(model)
-    cfg = model_config(model) if not callable(model) or _is_model(model) else None
-    if cfg is not None:
-        check_n_quantizers(n_quantizers, _n_codebooks(cfg))
-    output_dir = prepare_output_dir(output_dir)
-    if callable(model) and not _is_model(model) and not isinstance(model, (str, os.PathLike)):
-        model = model()  # a deferred loader: its identity is needed to judge existing outputs
-    return model, output_dir
+def _start(model, output_dir, n_quantizers, batch_size, workers, device, dtype, seed) -> tuple[JobModel, Path]:
+    """The checks every run makes before any work (arguments, the model spec, the output directory)."""
+    check_positive(batch_size=batch_size, workers=workers)
+    resolved = JobModel(model, device=device, dtype=dtype, seed=seed, n_quantizers=n_quantizers)
+    return resolved, prepare_output_dir(output_dir)
 
 
 def _finish(report: Report, log: OutputLog, t0: float) -> Report:
@@ -544,26 +162,22 @@ def encode_files(
         raise UserError(f"must be one of {FORMATS}, got {format!r}", "format")
     if bucket not in BUCKETS:
         raise UserError(f"must be one of {BUCKETS}, got {bucket!r}", "bucket")
-    model, output_dir = _start(model, output_dir, n_quantizers, batch_size, workers, device, dtype)
+    resolved, output_dir = _start(model, output_dir, n_quantizers, batch_size, workers, device, dtype, seed)
     report = Report(task="encode")
     expanded, report.failures = expand_inputs(inputs, AUDIO_EXTENSIONS)
-    log = OutputLog(output_dir, _setup("encode", model, seed, dtype, n_quantizers=n_quantizers,
-                                       # "mask" gives the codes of "exact": outputs of either are one setup
-                                       normalize_db=normalize_db, bucket="exact" if bucket == "mask" else bucket))
-    jobs = _plan(expanded, lambda rel: encoded_output(output_dir, rel, format), log, _codes_intact, overwrite, report)
+    log = OutputLog(output_dir, resolved.setup("encode", n_quantizers=n_quantizers,
+                                          # "mask" gives the codes of "exact": outputs of either are one setup
+                                          normalize_db=normalize_db, bucket="exact" if bucket == "mask" else bucket))
+    jobs = plan_jobs(expanded, lambda rel: encoded_output(output_dir, rel, format), log, codes_intact, overwrite, report)
     if not jobs:
         return _finish(report, log, t0)
 
-    model = load_model(model, device, dtype, seed=seed)
-    dev, mdtype = _model_device_dtype(model)
-    sr, hop = model_rate_and_hop(model)
-    nq = _check_nq(n_quantizers, model)
+    resolved.load()
+    model, sr, hop = resolved.model, resolved.sample_rate, resolved.hop
     if bucket == "mask" and not supports_padding_mask(model):
         raise UserError("'mask' needs a model whose encode takes padding_mask (dac_fast's DacModel); "
                         "use 'exact' or 'pad'", "bucket")
-    enc_kwargs = {}
-    if tile_frames is not None and _accepts(model.encode, "tile_frames"):
-        enc_kwargs["tile_frames"] = int(tile_frames)
+    enc_kwargs = resolved.call_options("encode", tile_frames)
 
     def header(src):
         try:
@@ -594,8 +208,8 @@ def encode_files(
                                duration=n / in_sr))
 
     def model_fn(batch: list[_Item]):
-        return encode_rows(model, [it.rows for it in batch], [it.frames for it in batch], hop, dev, mdtype, nq,
-                           masked=bucket == "mask", **enc_kwargs)
+        return encode_rows(model, [it.rows for it in batch], [it.frames for it in batch], hop, resolved.device, resolved.dtype,
+                           resolved.n_quantizers, masked=bucket == "mask", **enc_kwargs)
 
     def write_fn(it: _Item, codes):
         m = it.meta
@@ -664,30 +278,24 @@ def decode_files(
         raise UserError(f"must be one of {tuple(SUBTYPES)}, got {subtype!r}", "subtype")
     if subtype == "float" and fmt != "wav":
         raise UserError(f"'float' samples need --format wav, got {fmt!r}", "subtype")
-    model, output_dir = _start(model, output_dir, n_quantizers, batch_size, workers, device, dtype)
+    resolved, output_dir = _start(model, output_dir, n_quantizers, batch_size, workers, device, dtype, seed)
     report = Report(task="decode")
     expanded, report.failures = expand_inputs(inputs, CODE_EXTENSIONS)
-    log = OutputLog(output_dir, _setup("decode", model, seed, dtype, n_quantizers=n_quantizers,
-                                       subtype=subtype if fmt in ("wav", "flac") else None))
-    jobs = _plan(expanded, lambda rel: (output_dir / rel).with_suffix("." + fmt), log, _audio_intact, overwrite, report)
+    log = OutputLog(output_dir, resolved.setup("decode", n_quantizers=n_quantizers,
+                                          subtype=subtype if fmt in ("wav", "flac") else None))
+    jobs = plan_jobs(expanded, lambda rel: (output_dir / rel).with_suffix("." + fmt), log, audio_intact, overwrite, report)
     if not jobs:
         return _finish(report, log, t0)
 
-    model = load_model(model, device, dtype, seed=seed)
-    dev, mdtype = _model_device_dtype(model)
-    sr, hop = model_rate_and_hop(model)
-    n_cb = _n_codebooks(model.config)
-    nq = _check_nq(n_quantizers, model)
-    cb_size = int(getattr(model.config, "codebook_size", 1024))
-    dec_kwargs = {}
-    if tile_frames is not None and _accepts(model.decode, "tile_frames"):
-        dec_kwargs["tile_frames"] = int(tile_frames)
+    resolved.load()
+    model, sr, hop, nq = resolved.model, resolved.sample_rate, resolved.hop, resolved.n_quantizers
+    dec_kwargs = resolved.call_options("decode", tile_frames)
     sf_subtype = SUBTYPES[subtype] if fmt in ("wav", "flac") else None
 
     def load_fn(i, job):
         src, out = job
         f = load_any(src)
-        f.check_fits_model(sr, hop, n_cb, cb_size, name=str(src))
+        f.check_fits_model(sr, hop, resolved.n_codebooks, resolved.codebook_size, name=str(src))
         codes = f.codes.astype(np.int64)
         if nq is not None:
             codes = codes[:, :nq]
@@ -698,7 +306,7 @@ def decode_files(
         # exact bucketing: every item of a batch has the same frame and codebook counts
         codes = torch.from_numpy(np.concatenate([it.rows for it in batch], 0))
         with torch.inference_mode():
-            out = model.decode(audio_codes=_to_device(codes, dev), return_dict=True, **dec_kwargs)
+            out = model.decode(audio_codes=_to_device(codes, resolved.device), return_dict=True, **dec_kwargs)
         audio = out.audio_values if hasattr(out, "audio_values") else out[0]
         audio = _as_numpy(audio.reshape(audio.shape[0], -1))
         bounds = np.cumsum([0] + [it.rows.shape[0] for it in batch])

@@ -38,8 +38,10 @@ ENCODE_EXAMPLES = textwrap.dedent(
     Re-running a command skips inputs whose outputs are complete and were made by the same model
     and settings from the same source (a record is kept in OUTDIR/.dac-fast-outputs.jsonl);
     damaged outputs and changed sources are redone; outputs made with another model or settings
-    stop the run (use another OUTDIR, or --overwrite). Outputs are written atomically; bad inputs
-    are reported and skipped; the exit status is 1 when any input failed.
+    stop the run (use another OUTDIR, or --overwrite). A file at an output path that dac-fast did
+    not write is never replaced without --overwrite (that input fails). Globs and file lists mirror
+    the tree below their common folder, as directories do. Outputs are written atomically; bad
+    inputs are reported and skipped; the exit status is 1 when any input failed.
     """
 )
 
@@ -68,7 +70,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, task: str):
                    help=("audio files" if encoding else ".dac files (or npy-format .json files)")
                    + ", directories (searched recursively) or quoted glob patterns")
     p.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR",
-                   help="output directory (input directory trees are mirrored under it)")
+                   help="output directory (the input tree is mirrored under it)")
     p.add_argument("--model", required=True, metavar="SPEC",
                    help="local model directory, original .pth checkpoint or hub id"
                    + ("" if encoding else " (the model that encoded the files)")
@@ -90,7 +92,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, task: str):
                    help=("background threads reading and resampling audio" if encoding
                          else "background threads resampling and writing audio") + " (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
-                   help="redo every input, even those whose outputs are complete")
+                   help="redo every input, even those whose outputs are complete, and replace files at output "
+                        "paths that dac-fast did not write")
     p.add_argument("--tile-frames", type=int, default=None, metavar="N",
                    help="frames per model tile for long files (default: the model's); results do not depend on it")
     p.add_argument("--threads", type=int, default=None, metavar="N",
@@ -197,7 +200,7 @@ def _run(args) -> int:
     except ValueError:  # not the main thread
         pass
     try:
-        from .batch import UserError
+        from .arguments import UserError
 
         try:
             return _run_files(args)
@@ -217,13 +220,14 @@ def _run(args) -> int:
 
 
 def _run_files(args) -> int:
-    from .batch import _check_positive, check_device, check_n_quantizers, decode_files, encode_files
+    from .arguments import check_device, check_n_quantizers, check_positive
+    from .batch import decode_files, encode_files
 
     if args.model in PRESET_NAMES and not args.random_weights:
         raise _Stop(f"--model {args.model}: a preset has RANDOM weights (codes and audio are meaningless); "
                     "pass --random-weights to try the pipeline with it, or give a checkpoint directory, "
                     ".pth file or hub id")
-    _check_positive(batch_size=args.batch_size, workers=args.workers)
+    check_positive(batch_size=args.batch_size, workers=args.workers)
     check_n_quantizers(args.n_quantizers)
     if args.tile_frames is not None and args.tile_frames < 1:
         raise _Stop(f"--tile-frames: must be >= 1, got {args.tile_frames}")
@@ -260,7 +264,8 @@ def _run_files(args) -> int:
 
 
 def _info(args) -> int:
-    from .batch import CODE_EXTENSIONS, expand_inputs, info
+    from .batch import info
+    from .planning import CODE_EXTENSIONS, expand_inputs
 
     files, failures = expand_inputs(args.files, CODE_EXTENSIONS)
     status = 1 if failures else 0

@@ -8,31 +8,33 @@ import math
 import os
 from typing import Any
 
-CONFIG_NAME = "config.json"
+from .hub import CONFIG_NAME
 
 # Keys transformers writes into config.json that describe nothing we need (or are stale, like
 # the hop_length of 512 some hub files carry for 16/24 kHz models): read and ignored.
 _IGNORED_KEYS = {
-    "hop_length", "hidden_size", "upsampling_ratios", "frame_rate", "architectures", "model_type",
+    "hop_length", "upsampling_ratios", "frame_rate", "architectures", "model_type",
     "transformers_version", "torch_dtype", "dtype", "_name_or_path", "output_hidden_states",
     "output_attentions", "use_cache", "id2label", "label2id", "chunk_size_feed_forward",
     "is_encoder_decoder", "problem_type", "tie_word_embeddings", "_attn_implementation_autoset",
 }
 
 
-# The fields transformers' DacConfig has (ours adds latent_dim).
+# The fields transformers' DacConfig reads (hidden_size is derived unless given, as in transformers).
 TRANSFORMERS_FIELDS = (
     "encoder_hidden_size", "downsampling_ratios", "decoder_hidden_size", "n_codebooks", "codebook_size",
     "codebook_dim", "quantizer_dropout", "commitment_loss_weight", "codebook_loss_weight", "sampling_rate",
+    "hidden_size",
 )
 
 
 class DacConfig:
     """Configuration of a DAC model; same fields and defaults as ``transformers.DacConfig``.
 
-    ``latent_dim`` (ours, optional) is the quantizer input width; ``None`` means
-    ``encoder_hidden_size * 2**len(downsampling_ratios)`` as in transformers. Set it to 128 for the
-    original 44 kHz 16 kbps model, which transformers cannot express.
+    ``hidden_size`` is the quantizer input (latent) width; ``None`` means
+    ``encoder_hidden_size * 2**len(downsampling_ratios)``, and a given value overrides it, as in transformers
+    (128 for the original 44 kHz 16 kbps model). ``latent_dim``, the original package's name, is accepted
+    as an alias when reading; files are written with ``hidden_size``.
     """
 
     model_type = "dac"
@@ -49,6 +51,7 @@ class DacConfig:
         commitment_loss_weight: float = 0.25,
         codebook_loss_weight: float = 1.0,
         sampling_rate: int = 16000,
+        hidden_size: int | None = None,
         latent_dim: int | None = None,
         return_dict: bool = True,
         **kwargs: Any,
@@ -66,7 +69,11 @@ class DacConfig:
         self.commitment_loss_weight = float(commitment_loss_weight)
         self.codebook_loss_weight = float(codebook_loss_weight)
         self.sampling_rate = int(sampling_rate)
-        self.latent_dim = None if latent_dim is None else int(latent_dim)
+        if latent_dim is not None and hidden_size is not None and int(latent_dim) != int(hidden_size):
+            raise ValueError(
+                f"hidden_size={hidden_size} and its alias latent_dim={latent_dim} disagree: pass only hidden_size")
+        width = hidden_size if hidden_size is not None else latent_dim
+        self._hidden_size = None if width is None else int(width)
         self.return_dict = bool(return_dict)
         self._validate()
 
@@ -74,7 +81,7 @@ class DacConfig:
         if not self.downsampling_ratios or any(r < 1 for r in self.downsampling_ratios):
             raise ValueError(f"downsampling_ratios must be positive integers, got {self.downsampling_ratios}")
         for name in ("encoder_hidden_size", "decoder_hidden_size", "n_codebooks", "codebook_size",
-                     "codebook_dim", "sampling_rate"):
+                     "codebook_dim", "sampling_rate", "hidden_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.codebook_size & (self.codebook_size - 1):
@@ -89,9 +96,13 @@ class DacConfig:
 
     @property
     def hidden_size(self) -> int:
-        if self.latent_dim is not None:
-            return self.latent_dim
+        if self._hidden_size is not None:
+            return self._hidden_size
         return self.encoder_hidden_size * 2 ** len(self.downsampling_ratios)
+
+    @hidden_size.setter
+    def hidden_size(self, value: int) -> None:
+        self._hidden_size = int(value)
 
     @property
     def hop_length(self) -> int:
@@ -114,39 +125,78 @@ class DacConfig:
             "commitment_loss_weight": self.commitment_loss_weight,
             "codebook_loss_weight": self.codebook_loss_weight,
             "sampling_rate": self.sampling_rate,
+            # derived keys transformers writes too; its DacConfig reads hidden_size back as the latent width
+            "hidden_size": self.hidden_size,
+            "hop_length": self.hop_length,
+            "upsampling_ratios": self.upsampling_ratios,
             "model_type": self.model_type,
             "architectures": ["DacModel"],
         }
-        if self.latent_dim is not None:
-            out["latent_dim"] = self.latent_dim
         return out
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DacConfig":
-        return cls(**data)
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What transformers writes to config.json for a DAC model: every DAC field (none is left out as a
+        default), which is ``to_dict()``."""
+        return self.to_dict()
 
-    def to_json_string(self) -> str:
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "DacConfig":
+        """The config ``config_dict`` describes (``kwargs`` override it); transformers' generic keys are ignored."""
+        return cls(**{**config_dict, **kwargs})
+
+    def update(self, config_dict: dict[str, Any]) -> None:
+        """Set fields from a dict, as transformers' ``update`` does; unknown names raise a TypeError."""
+        current = {**self.to_dict(), "return_dict": self.return_dict}
+        if self._hidden_size is None:  # still derived: follows a new encoder_hidden_size or ratios
+            del current["hidden_size"]
+        merged = DacConfig.from_dict({**current, **config_dict})  # validates the result before changing self
+        self.__dict__.update(merged.__dict__)
+
+    @property
+    def use_return_dict(self) -> bool:
+        return self.return_dict
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """``use_diff`` is accepted for transformers' signature; the diff dict is the whole dict (to_diff_dict)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string(use_diff))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Write ``config.json``; ``push_to_hub=True`` then uploads the directory (huggingface_hub)."""
+        from .hub import save_directory as directory_for
+
+        with directory_for(save_directory, push_to_hub, kwargs) as directory:
+            self.to_json_file(os.path.join(directory, CONFIG_NAME))
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload ``config.json`` to the hub repo ``repo_id`` (needs huggingface_hub)."""
+        from .hub import push_saved
+
+        return push_saved(self, repo_id, **kwargs)
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "DacConfig":
-        with open(path, encoding="utf-8") as f:
+    def from_json_file(cls, json_file: str | os.PathLike) -> "DacConfig":
+        with open(json_file, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "DacConfig":
-        """Read ``config.json`` from a directory (or the file itself)."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, CONFIG_NAME)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DacConfig":
+        """Read ``config.json`` from a directory, a hub id or the file itself. ``subfolder`` and the hub arguments
+        (``revision``, ``cache_dir``, ``local_files_only``, ``force_download``, ``token``) as in transformers;
+        other keyword arguments override fields."""
+        from .hub import HUB_KWARGS, resolve_directory
+
+        path = os.fspath(pretrained_model_name_or_path)
+        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        if not os.path.isfile(path):
+            path = os.path.join(resolve_directory(path, **hub_kwargs), CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r}")
-        return cls.from_json_file(path)
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f), **kwargs)
 
     @classmethod
     def from_preset(cls, name: str) -> "DacConfig":
@@ -169,7 +219,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "16khz": dict(sampling_rate=16000, downsampling_ratios=[2, 4, 5, 8], n_codebooks=12),
     "24khz": dict(sampling_rate=24000, downsampling_ratios=[2, 4, 5, 8], n_codebooks=32),
     "44khz": dict(sampling_rate=44100, downsampling_ratios=[2, 4, 8, 8], n_codebooks=9),
-    "44khz_16kbps": dict(sampling_rate=44100, downsampling_ratios=[2, 4, 8, 8], n_codebooks=18, latent_dim=128),
+    "44khz_16kbps": dict(sampling_rate=44100, downsampling_ratios=[2, 4, 8, 8], n_codebooks=18, hidden_size=128),
 }
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import PathLike, atomic_write, atomic_write_text
+from .io import PathLike, atomic_write, atomic_write_text, open_problem, os_reason
 
 DAC_VERSION = "1.0.0"
 SUPPORTED_VERSIONS = ("1.0.0",)
@@ -174,6 +174,8 @@ class DacFile:
         codes = np.asarray(self.codes)
         if codes.ndim != 3:
             raise DacFileError(f"codes must be (channels, n_codebooks, frames), got shape {codes.shape}")
+        if codes.dtype.kind not in "iu":  # bools and floats are no codes, whatever their values
+            raise DacFileError(f"codes must be integers, got dtype {codes.dtype}")
         if codes.size and (codes.min() < 0 or codes.max() > 65535):
             raise DacFileError("codes out of uint16 range")
         self.codes = codes.astype(np.uint16, copy=False)
@@ -251,8 +253,14 @@ class DacFile:
         """Write ``path`` (suffix forced to ``.dac``, as the original) atomically."""
         path = Path(path).with_suffix(".dac")
         with atomic_write(path, "wb") as f:
-            np.save(f, self.to_artifacts())
+            f.write(self.to_bytes())
         return path
+
+    def to_bytes(self) -> bytes:
+        """The bytes of the ``.dac`` file (deterministic: the same codes and metadata give the same bytes)."""
+        buf = io.BytesIO()
+        np.save(buf, self.to_artifacts())
+        return buf.getvalue()
 
     @classmethod
     def from_artifacts(cls, artifacts: Any, name: str = "<dac>") -> "DacFile":
@@ -287,8 +295,9 @@ class DacFile:
     def load(cls, path: PathLike) -> "DacFile":
         """Read a ``.dac`` (ours or the original's) without executing pickle code."""
         p = Path(path)
-        if not p.exists():
-            raise DacFileError(f"{p}: file does not exist")
+        problem = open_problem(p)
+        if problem:
+            raise DacFileError(f"{p}: {problem}")
         if p.stat().st_size == 0:
             raise DacFileError(f"{p}: empty file (0 bytes)")
         return cls.from_artifacts(read_npy_object(p), str(p))
@@ -325,13 +334,18 @@ class DacFile:
         p = Path(json_path)
         if p.name.endswith(".codes.npy"):
             p = p.with_name(p.name[: -len(".codes.npy")] + ".json")
+        problem = open_problem(p)
+        if problem:
+            raise DacFileError(f"{p}: {problem}")
         try:
             meta = json.loads(p.read_text())
         except (OSError, ValueError) as exc:
             raise DacFileError(f"{p}: unreadable metadata ({exc})") from None
         try:
             codes = np.load(p.with_name(meta["codes_file"]), allow_pickle=False)
-        except (OSError, ValueError, KeyError) as exc:
+        except OSError as exc:
+            raise DacFileError(f"{p}: its codes file {meta['codes_file']}: {os_reason(exc)}") from None
+        except (ValueError, KeyError) as exc:
             raise DacFileError(f"{p}: unreadable codes ({exc})") from None
         known = ("input_db", "original_length", "sample_rate", "chunk_length", "channels", "padding", "dac_version")
         extra = {k: v for k, v in meta.items() if k not in known and k not in ("codes_file", "codes_shape", "codes_dtype")}

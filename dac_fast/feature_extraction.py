@@ -10,7 +10,10 @@ import numpy as np
 import torch
 
 from .configuration import CONFIG_NAME, DacConfig, hop_length_for_rate
-from .loading import PREPROCESSOR_NAME, _resolve_directory
+from .features import BatchFeature, _check_tensor_type, pad_features, padding_strategy
+from .hub import push_saved
+from .hub import save_directory as directory_for
+from .hub import HUB_KWARGS, PREPROCESSOR_NAME, resolve_directory
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +21,8 @@ logger = logging.getLogger(__name__)
 # read such files as float; 8-bit WAV is unsigned around 128.
 _PCM_FORMATS = {"uint8": (128, 2**7), "int16": (0, 2**15), "int32": (0, 2**31)}
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# What to_dict writes and from_dict reads.
+_ATTRIBUTES = ("feature_size", "sampling_rate", "padding_value", "hop_length", "padding_side", "return_attention_mask")
 
 
 def pcm_to_float(audio, name: str = "raw_audio"):
@@ -49,57 +54,110 @@ class DacFeatureExtractor:
     model_input_names = ["input_values", "n_quantizers"]
 
     def __init__(self, feature_size: int = 1, sampling_rate: int = 16000, padding_value: float = 0.0,
-                 hop_length: int | None = None, **kwargs):
+                 hop_length: int | None = None, padding_side: str = "right", return_attention_mask: bool = True,
+                 **kwargs):
         if feature_size != 1:
             raise ValueError(f"feature_size must be 1 (mono audio only), got {feature_size}")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         self.feature_size = feature_size
         self.sampling_rate = int(sampling_rate)
         self.padding_value = float(padding_value)
         if hop_length is None:
             hop_length = hop_length_for_rate(self.sampling_rate) or 512
         self.hop_length = int(hop_length)
-        self.padding_side = "right"
-        self.return_attention_mask = True
+        self.padding_side = padding_side
+        self.return_attention_mask = bool(return_attention_mask)
 
     @classmethod
-    def from_pretrained(cls, path_or_id) -> "DacFeatureExtractor":
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "DacFeatureExtractor":
         """Read ``preprocessor_config.json`` from a directory, a hub id or the file itself; a model directory
-        without one gives the extractor matching its ``config.json``."""
-        path = os.fspath(path_or_id)
+        without one gives the extractor matching its ``config.json``. ``subfolder`` and the hub arguments
+        (``revision``, ``cache_dir``, ``local_files_only``, ``force_download``, ``token``) as in transformers;
+        other keyword arguments override the stored attributes."""
+        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isfile(path):
-            directory = _resolve_directory(path)
+            directory = resolve_directory(path, **hub_kwargs)
             path = os.path.join(directory, PREPROCESSOR_NAME)
             if not os.path.isfile(path) and os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-                return cls.from_config(DacConfig.from_pretrained(directory))
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        keys = ("feature_size", "sampling_rate", "padding_value", "hop_length")
-        return cls(**{k: data[k] for k in keys if k in data})
+                return cls.from_config(DacConfig.from_pretrained(directory), **kwargs)
+        return cls.from_json_file(path, **kwargs)
 
     @classmethod
-    def from_config(cls, config) -> "DacFeatureExtractor":
+    def from_config(cls, config, **kwargs) -> "DacFeatureExtractor":
         """The extractor matching a DacConfig or a model (hop length derived from the ratios)."""
         config = getattr(config, "config", config)
-        return cls(sampling_rate=config.sampling_rate, hop_length=config.hop_length)
+        return cls(**{"sampling_rate": config.sampling_rate, "hop_length": config.hop_length, **kwargs})
 
     @classmethod
     def from_preset(cls, name: str) -> "DacFeatureExtractor":
         """The extractor matching ``DacConfig.from_preset(name)`` / ``DacModel.from_preset(name)``."""
         return cls.from_config(DacConfig.from_preset(name))
 
-    def save_pretrained(self, directory) -> None:
-        """Write ``preprocessor_config.json`` (readable by transformers' AutoFeatureExtractor)."""
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, PREPROCESSOR_NAME), "w", encoding="utf-8") as f:
+    # ------------------------------------------------------------------ serialization (transformers' methods)
+    def to_dict(self) -> dict:
+        return {"feature_extractor_type": "DacFeatureExtractor", "feature_size": self.feature_size,
+                "sampling_rate": self.sampling_rate, "padding_value": self.padding_value,
+                "hop_length": self.hop_length, "padding_side": self.padding_side,
+                "return_attention_mask": self.return_attention_mask}
+
+    @classmethod
+    def from_dict(cls, feature_extractor_dict: dict, **kwargs) -> "DacFeatureExtractor":
+        """The extractor ``to_dict`` describes (keys it does not know, such as transformers' ``processor_class``,
+        are ignored); ``kwargs`` override."""
+        return cls(**{k: v for k, v in {**feature_extractor_dict, **kwargs}.items() if k in _ATTRIBUTES})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path) -> None:
+        with open(json_file_path, "w", encoding="utf-8") as f:
             f.write(self.to_json_string())
 
+    @classmethod
+    def from_json_file(cls, json_file, **kwargs) -> "DacFeatureExtractor":
+        with open(json_file, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f), **kwargs)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """Write ``preprocessor_config.json`` (readable by transformers' AutoFeatureExtractor); returns
+        ``[its path]`` as transformers does. ``push_to_hub=True`` uploads the directory (huggingface_hub)."""
+        with directory_for(save_directory, push_to_hub, kwargs) as directory:
+            path = os.path.join(directory, PREPROCESSOR_NAME)
+            self.to_json_file(path)
+        return [path]
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload this extractor's ``preprocessor_config.json`` to the hub (needs huggingface_hub)."""
+        return push_saved(self, repo_id, **kwargs)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, DacFeatureExtractor) and self.to_dict() == other.to_dict()
+
+    # ------------------------------------------------------------------ padding and the call
+    def pad(self, processed_features, padding=True, max_length: int | None = None, truncation: bool = False,
+            pad_to_multiple_of: int | None = None, return_attention_mask: bool | None = None,
+            return_tensors=None) -> BatchFeature:
+        """Pad (and with ``truncation``, cut) a batch of features, as transformers' sequence feature extractors do:
+        ``processed_features`` is a BatchFeature/dict with ``input_values`` (lists, numpy arrays or tensors) or a
+        list of such dicts (a data collator's batch). ``padding``: True/"longest", "max_length" (needs
+        ``max_length``) or False/"do_not_pad"; lengths are rounded up to ``pad_to_multiple_of``; padding uses
+        ``padding_value`` on ``padding_side``; float64 becomes float32; ``attention_mask`` (int32) marks real
+        samples. ``return_tensors`` "pt" or "np" (None: tensors in give tensors out, else numpy)."""
+        return pad_features(self, processed_features, padding=padding, max_length=max_length, truncation=truncation,
+                            pad_to_multiple_of=pad_to_multiple_of, return_attention_mask=return_attention_mask,
+                            return_tensors=return_tensors)
+
     def __call__(self, raw_audio, padding=None, truncation: bool = False, max_length: int | None = None,
-                 return_tensors: str | None = None, sampling_rate: int | None = None) -> dict:
+                 return_tensors: str | None = None, sampling_rate: int | None = None) -> BatchFeature:
         """raw_audio: one clip (np.ndarray / list of floats / tensor, shape (T,) or (1, T)) or a batch (list of
         clips); float in [-1, 1] or integer PCM.
 
-        Returns a dict with ``input_values`` (B, 1, T') and, when padding, ``padding_mask`` (B, T').
-        return_tensors: "pt", "np" or None (lists of arrays).
+        Returns a BatchFeature with ``input_values`` and, when padding (the default), ``padding_mask`` (B, T').
+        Padding (True/"longest", or "max_length" with ``max_length``) and truncation (to ``max_length``) round
+        lengths up to whole hops, as transformers' extractor does. return_tensors: "pt" gives (B, 1, T') tensors,
+        "np" arrays, None a list of (1, T') arrays and a numpy mask.
         """
         if sampling_rate is not None:
             if sampling_rate != self.sampling_rate:
@@ -113,10 +171,8 @@ class DacFeatureExtractor:
             raise ValueError("Both padding and truncation were set. Make sure you only set one.")
         if padding is None:
             padding = True
-        if padding not in (True, False, "longest", "max_length", "do_not_pad"):
-            raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
-        if padding == "do_not_pad":
-            padding = False
+        padding = padding_strategy(padding, max_length)
+        _check_tensor_type(return_tensors)
 
         is_batched = isinstance(raw_audio, (list, tuple)) and len(raw_audio) > 0 and isinstance(
             raw_audio[0], (np.ndarray, tuple, list, torch.Tensor))
@@ -125,38 +181,14 @@ class DacFeatureExtractor:
             raise ValueError("raw_audio is empty: expected a clip or a non-empty list of clips")
         arrays = [self._mono_clip(clip, f"raw_audio[{i}]" if is_batched else "raw_audio")
                   for i, clip in enumerate(clips)]
-
-        if truncation:
-            if max_length is None:
-                raise ValueError("truncation=True needs max_length")
-            arrays = [a[:max_length] for a in arrays]
-
-        out: dict = {}
-        if padding:
-            if padding == "max_length":
-                if max_length is None:
-                    raise ValueError("padding='max_length' needs max_length")
-                target = max_length
-            else:
-                target = max(a.shape[0] for a in arrays)
-            target = -(-target // self.hop_length) * self.hop_length
-            values = np.full((len(arrays), 1, target), self.padding_value, dtype=np.float32)
-            mask = np.zeros((len(arrays), target), dtype=np.int32)
-            for i, a in enumerate(arrays):
-                n = min(a.shape[0], target)
-                values[i, 0, :n] = a[:n]
-                mask[i, :n] = 1
-            out["input_values"] = values
-            out["padding_mask"] = mask
-        else:
-            out["input_values"] = [a[None, :] for a in arrays]
-
-        if return_tensors == "pt":
-            out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else [torch.from_numpy(x) for x in v]
-                   for k, v in out.items()}
-        elif return_tensors not in (None, "np"):
-            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
-        return out
+        padded = pad_features(self, {"input_values": arrays}, padding=padding, max_length=max_length,
+                              truncation=truncation, pad_to_multiple_of=self.hop_length,
+                              return_attention_mask=padding != "do_not_pad", return_tensors="np")
+        out = {}
+        if padding != "do_not_pad":
+            out["padding_mask"] = padded["attention_mask"]
+        out["input_values"] = [values[None, :] for values in padded["input_values"]]
+        return BatchFeature(out, tensor_type=return_tensors)
 
     @staticmethod
     def _mono_clip(clip, name: str) -> np.ndarray:
@@ -180,14 +212,6 @@ class DacFeatureExtractor:
         if array.size == 0:
             raise ValueError(f"{name} is empty")
         return array
-
-    def to_dict(self) -> dict:
-        return {"feature_extractor_type": "DacFeatureExtractor", "feature_size": self.feature_size,
-                "sampling_rate": self.sampling_rate, "padding_value": self.padding_value,
-                "hop_length": self.hop_length, "padding_side": "right", "return_attention_mask": True}
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import socket
@@ -39,11 +40,11 @@ MIN_LOUDNESS_DURATION = 0.5
 """Clips shorter than this (seconds) are zero-padded to it before measuring (as audiotools)."""
 
 TMP_PREFIX = ".dacfast-tmp-"
+"""Prefix of temporary files; anything starting with it is never a finished output."""
 
 _HOST = socket.gethostname().replace("-", "_") or "host"
-_UMASK = os.umask(0)  # read once at import (os.umask is the only portable way to read it)
+_UMASK = os.umask(0)  # read once at import (os.umask is the only portable way to read it), then restored
 os.umask(_UMASK)
-"""Prefix of temporary files; anything starting with it is never a finished output."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +84,30 @@ def require(module: str, purpose: str):
         f"Install it with: {install}", name=top) from cause
 
 
+_OS_REASONS = {
+    errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EISDIR: "is a directory",
+    errno.ENOENT: "no such file", errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+}
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a write error that every later write would hit too
+
+
+def os_reason(exc: OSError) -> str:
+    """What went wrong, in a few plain words ("permission denied", "no such file" ...), without the
+    errno and path noise of ``str(exc)``."""
+    return _OS_REASONS.get(exc.errno) or (exc.strerror or str(exc) or type(exc).__name__).lower()
+
+
+def open_problem(path: PathLike) -> str | None:
+    """None when ``path`` opens for reading, else why not (:func:`os_reason`): libraries that read
+    files themselves (libsndfile, safetensors) report these as vague errors or tracebacks."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return os_reason(exc)
+
+
 class AudioError(ValueError):
     """A file could not be used as audio. ``str(err)`` names the path and the reason."""
 
@@ -99,6 +124,9 @@ def audio_info(path: PathLike):
     """Return ``(sample_rate, channels, frames)`` from the file header without decoding."""
     sf = require("soundfile", "reading audio files")
 
+    problem = open_problem(path)
+    if problem:
+        raise AudioError(path, problem)
     try:
         info = sf.info(str(path))
     except Exception as exc:  # soundfile raises RuntimeError/LibsndfileError/TypeError
@@ -115,10 +143,9 @@ def read_audio(path: PathLike) -> tuple[np.ndarray, int]:
     sf = require("soundfile", "reading audio files")
 
     p = Path(path)
-    if not p.exists():
-        raise AudioError(p, "file does not exist")
-    if p.is_dir():
-        raise AudioError(p, "is a directory")
+    problem = open_problem(p)
+    if problem:
+        raise AudioError(p, problem)
     if p.stat().st_size == 0:
         raise AudioError(p, "empty file (0 bytes)")
     try:
@@ -325,6 +352,12 @@ def restore_after_decoding(
 # ----------------------------------------------------------------------------------------------
 # atomic writes
 # ----------------------------------------------------------------------------------------------
+def give_normal_permissions(path: PathLike) -> None:
+    """Mode 0666 less the umask, as ``open`` would create the file: writers that create files 0600
+    (mkstemp, safetensors) would leave them unreadable to the other users of a shared directory."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success ``os.replace`` it onto ``path``.
@@ -342,7 +375,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_file(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give outputs normal permissions
+        give_normal_permissions(tmp)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

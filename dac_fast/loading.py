@@ -15,11 +15,9 @@ import torch
 import torch.nn as nn
 
 from .configuration import CONFIG_NAME, TRANSFORMERS_FIELDS, DacConfig
+from .hub import SAFETENSORS_NAME, TORCH_WEIGHTS_NAME, check_hub_kwargs, resolve_directory
+from .io import give_normal_permissions
 
-SAFETENSORS_NAME = "model.safetensors"
-TORCH_WEIGHTS_NAME = "pytorch_model.bin"
-PREPROCESSOR_NAME = "preprocessor_config.json"
-_HUB_FILES = [CONFIG_NAME, SAFETENSORS_NAME, TORCH_WEIGHTS_NAME, PREPROCESSOR_NAME]
 
 # The three ways a weight-normalized convolution's weight is stored: (magnitude g, direction v) suffixes.
 _WEIGHT_NORM_STYLES = (
@@ -117,7 +115,7 @@ def config_from_original_kwargs(kwargs: Mapping) -> DacConfig:
         codebook_dim=int(codebook_dim),
         quantizer_dropout=float(kwargs.get("quantizer_dropout", 0.0)),
         sampling_rate=int(kwargs.get("sample_rate", 44100)),
-        latent_dim=latent_dim,
+        hidden_size=latent_dim,
     )
 
 
@@ -145,32 +143,6 @@ def load_original(cls, path, *, device=None, dtype=None, backend=None, weights_o
 
 
 # ----------------------------------------------------------------------------- transformers checkpoints
-def _resolve_directory(path_or_id, **hub_kwargs) -> str:
-    path = os.fspath(path_or_id)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise ValueError(f"{path!r} is a file; from_pretrained expects a directory or hub id "
-                         "(use DacModel.from_original for a .pth)")
-    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", path):
-        raise FileNotFoundError(f"{path!r} is neither a local directory nor a hub id like 'descript/dac_16khz'")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:
-        raise FileNotFoundError(
-            f"{path!r} is not a local directory, and huggingface_hub is not installed to fetch it "
-            "(pip install 'dac-fast[hub]', or download the model and pass its directory)"
-        ) from exc
-    errors = []
-    # the local cache first, then (unless local_files_only) the network
-    for local_only in (True,) if hub_kwargs.pop("local_files_only", False) else (True, False):
-        try:
-            return snapshot_download(path, allow_patterns=_HUB_FILES, local_files_only=local_only, **hub_kwargs)
-        except Exception as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-    raise FileNotFoundError(f"could not find {path!r} in the Hugging Face cache or on the hub: {errors[-1]}")
-
-
 def load_state_dict_file(directory: str) -> dict[str, torch.Tensor]:
     st = os.path.join(directory, SAFETENSORS_NAME)
     pt = os.path.join(directory, TORCH_WEIGHTS_NAME)
@@ -181,21 +153,6 @@ def load_state_dict_file(directory: str) -> dict[str, torch.Tensor]:
     if os.path.isfile(pt):
         return torch.load(pt, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"no {SAFETENSORS_NAME} or {TORCH_WEIGHTS_NAME} in {directory!r}")
-
-
-# Keyword arguments passed on to huggingface_hub.snapshot_download for hub ids (ignored for directories).
-HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download", "proxies")
-
-
-def check_hub_kwargs(hub_kwargs: Mapping, caller: str = "from_pretrained") -> None:
-    """A TypeError naming every keyword argument that is neither ours nor huggingface_hub's (transformers'
-    spellings we do not support would otherwise be ignored silently)."""
-    unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
-    if unknown:
-        raise TypeError(
-            f"{caller}() got unexpected keyword arguments {unknown}; it accepts device, dtype (or torch_dtype), "
-            f"device_map, backend and the hub arguments {list(HUB_KWARGS)}"
-        )
 
 
 def resolve_dtype(dtype, torch_dtype=None, *, checkpoint_dtype=None):
@@ -244,8 +201,10 @@ def resolve_device(device=None, device_map=None):
     return mapped
 
 
-def config_dtype(directory: str):
+def config_dtype(directory: str | None):
     """The ``dtype`` (or older ``torch_dtype``) that transformers records in config.json, or None."""
+    if directory is None or not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        return None
     with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
         data = json.load(f)
     name = data.get("dtype") or data.get("torch_dtype")
@@ -257,17 +216,48 @@ def state_dict_dtype(state_dict: Mapping[str, torch.Tensor]):
     return next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
 
 
-def load_pretrained(cls, path_or_id, *, device=None, dtype=None, torch_dtype=None, device_map=None, backend=None,
-                    **hub_kwargs):
+def as_config(config) -> DacConfig:
+    """``config=`` as transformers takes it: a DacConfig (ours or transformers', read through to_dict) or a path."""
+    if isinstance(config, DacConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return DacConfig.from_pretrained(config)
+    if callable(getattr(config, "to_dict", None)):
+        return DacConfig.from_dict(config.to_dict())
+    raise TypeError(f"config must be a DacConfig or a path to a config.json, got {type(config).__name__}")
+
+
+def load_pretrained(cls, path_or_id=None, *, device=None, dtype=None, torch_dtype=None, device_map=None,
+                    backend=None, config=None, state_dict=None, output_loading_info: bool = False, **hub_kwargs):
     check_hub_kwargs(hub_kwargs)
     device = resolve_device(device, device_map)
-    directory = _resolve_directory(path_or_id, **hub_kwargs)
-    config = DacConfig.from_pretrained(directory)
-    stored = load_state_dict_file(directory)
+    if path_or_id is None and (config is None or state_dict is None):
+        raise ValueError("from_pretrained(None, ...) needs both config= and state_dict=; otherwise pass a "
+                         "directory or hub id")
+    directory = None if path_or_id is None else resolve_directory(path_or_id, **hub_kwargs)
+    config = DacConfig.from_pretrained(directory) if config is None else as_config(config)
+    stored = load_state_dict_file(directory) if state_dict is None else state_dict
     dtype = resolve_dtype(dtype, torch_dtype,
                           checkpoint_dtype=lambda: config_dtype(directory) or state_dict_dtype(stored))
-    state_dict = fold_weight_norm(stored, device=device)
-    return build_model(cls, config, state_dict, device=device, dtype=dtype, backend=backend, source=directory)
+    folded = fold_weight_norm(stored, device=device)
+    source = directory or "state_dict"
+    if not output_loading_info:
+        return build_model(cls, config, folded, device=device, dtype=dtype, backend=backend, source=source)
+    return build_model_reporting(cls, config, folded, device=device, dtype=dtype, backend=backend, source=source)
+
+
+def build_model_reporting(cls, config: DacConfig, state_dict, *, device=None, dtype=None, backend=None, source=""):
+    """(model, loading info) as transformers' ``output_loading_info=True`` gives them: missing tensors keep
+    their initialization and unexpected ones are skipped (both listed); mis-shaped ones still raise."""
+    with torch.inference_mode(False):
+        model = cls(config, backend=backend).to(device=device or "cpu")
+        check_state_dict(model, state_dict, source, shapes_only=True)
+        missing, unexpected, _ = state_dict_differences(model, state_dict)
+        model.load_state_dict(state_dict, strict=False)
+        if dtype is not None:
+            model = model.to(dtype=dtype)
+    info = {"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": [], "error_msgs": []}
+    return model.eval(), info
 
 
 def convert_transformers(cls, hf_model, *, backend=None):
@@ -296,22 +286,29 @@ def build_model(cls, config: DacConfig, state_dict, *, device=None, dtype=None, 
     return model.eval()
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "") -> None:
-    """Raise a ValueError naming every missing, unexpected and mis-shaped tensor."""
+def state_dict_differences(model: nn.Module, state_dict: Mapping[str, torch.Tensor]):
+    """(missing, unexpected, mis-shaped) tensor names of ``state_dict`` for ``model``, each sorted."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    return (sorted(set(expected) - set(got)), sorted(set(got) - set(expected)),
+            sorted(k for k in set(expected) & set(got) if expected[k] != got[k]))
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "",
+                     shapes_only: bool = False) -> None:
+    """Raise a ValueError naming every missing, unexpected and mis-shaped tensor (``shapes_only``: mis-shaped)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state_dict.items()}
     problems = []
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    missing, unexpected, shapes = state_dict_differences(model, state_dict)
 
     def listing(keys, describe=str):
         shown = ", ".join(describe(k) for k in keys[:10])
         return shown + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
 
-    if missing:
+    if missing and not shapes_only:
         problems.append(f"missing tensors: {listing(missing)}")
-    if unexpected:
+    if unexpected and not shapes_only:
         problems.append(f"unexpected tensors: {listing(unexpected)}")
     if shapes:
         problems.append("mis-shaped tensors: " + listing(shapes, lambda k: f"{k} (expected {expected[k]}, got {got[k]})"))
@@ -320,16 +317,22 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         raise ValueError(f"checkpoint does not match the model configuration{where}: " + "; ".join(problems))
 
 
-def save_pretrained(model, directory) -> None:
+def save_pretrained(model, save_directory, push_to_hub: bool = False, state_dict=None, **hub_kwargs) -> list[str]:
+    """Write the three files (config, weights, preprocessor config); returns their paths."""
     from safetensors.torch import save_file
 
-    os.makedirs(directory, exist_ok=True)
-    model.config.save_pretrained(directory)
-    state_dict = {k: v.detach().contiguous().cpu() for k, v in fold_weight_norm(model.state_dict()).items()}
-    save_file(state_dict, os.path.join(directory, SAFETENSORS_NAME), metadata={"format": "pt"})
     from .feature_extraction import DacFeatureExtractor
+    from .hub import save_directory as directory_for
 
-    DacFeatureExtractor.from_config(model.config).save_pretrained(directory)
+    with directory_for(save_directory, push_to_hub, hub_kwargs) as directory:
+        model.config.save_pretrained(directory)
+        tensors = fold_weight_norm(model.state_dict() if state_dict is None else state_dict)
+        state_dict = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        weights = os.path.join(directory, SAFETENSORS_NAME)
+        save_file(state_dict, weights, metadata={"format": "pt"})
+        give_normal_permissions(weights)  # safetensors writes 0600: unreadable to others sharing the checkpoint
+        return [os.path.join(directory, CONFIG_NAME), weights,
+                *DacFeatureExtractor.from_config(model.config).save_pretrained(directory)]
 
 
 # ----------------------------------------------------------------------------- random weights

@@ -41,13 +41,14 @@ class Report:
     skipped: list = field(default_factory=list)  # (input, output) pairs already complete
     redone: list = field(default_factory=list)  # Failure-like (input, why its existing output was not trusted)
     failures: list = field(default_factory=list)  # Failure
+    stopped: str = ""  # why the run stopped before every input was tried (a full disk), else ""
     audio_seconds: float = 0.0  # audio processed this run (original duration)
     wall_seconds: float = 0.0
     model_seconds: float = 0.0  # time inside model.encode/decode
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and not self.stopped
 
     @property
     def files_per_second(self) -> float:
@@ -75,6 +76,8 @@ class Report:
         else:
             counts += f"; {self.audio_seconds:.2f} s of audio in {self.wall_seconds:.2f} s"
         lines = [counts]
+        if self.stopped:
+            lines.append(f"stopped early: {self.stopped}; inputs not tried are left for the next run")
         if self.redone:
             lines.append(f"redone ({len(self.redone)}):")
             lines += [f"  {f}" for f in self.redone]
@@ -87,7 +90,7 @@ class Report:
         return {
             "task": self.task, "written": len(self.done), "skipped": len(self.skipped),
             "redone": [{"path": f.path, "reason": f.reason} for f in self.redone],
-            "failed": [{"path": f.path, "reason": f.reason} for f in self.failures],
+            "failed": [{"path": f.path, "reason": f.reason} for f in self.failures], "stopped": self.stopped,
             "audio_seconds": self.audio_seconds, "wall_seconds": self.wall_seconds,
             "model_seconds": self.model_seconds, "files_per_second": self.files_per_second,
             "speed_x_realtime": self.speed, "rtf": self.realtime_factor,
@@ -271,7 +274,7 @@ class _WriteQueue:
     def _done(self, fut, item):
         self.slots.release()
         if fut.cancelled():
-            self.on_done(item, None, RuntimeError("cancelled"))
+            self.on_done(item, None, cf.CancelledError())
         else:
             exc = fut.exception()
             self.on_done(item, None if exc else fut.result(), exc)
@@ -304,40 +307,62 @@ def _load_failure(job, exc) -> Failure:
     return Failure(str(job[0]), f"{type(exc).__name__}: {exc}")
 
 
+class _Outcomes:
+    """Where each item of a run ends up, in the report and the output record: written (claimed before its
+    file appears, recorded after), failed (load, model or write), or left for the next run once a full disk
+    stopped the run. Called from the main loop and the writer threads."""
+
+    def __init__(self, report: Report, log: OutputLog, write_fn, progress: _Progress):
+        self.report, self.log, self.write_fn, self.progress = report, log, write_fn, progress
+        self.lock = threading.Lock()
+
+    def write(self, item: _Item, result):
+        self.log.claim(item.out)  # before the file appears: a run killed before its record still knows it as ours
+        return self.write_fn(item, result)
+
+    def written(self, item: _Item, holds, exc):
+        duration = item.meta.get("duration", 0.0)
+        if exc is None:
+            try:
+                self.log.add(item.src, item.out, holds)
+            except OSError as e:  # the output is fine; only its record is missing (its claim vouches for it)
+                exc = e
+        report = self.report
+        with self.lock:
+            if exc is None:
+                report.done.append((str(item.src), str(item.out)))
+                report.audio_seconds += duration
+            elif report.stopped and isinstance(exc, cf.CancelledError):
+                pass  # never started: left for the next run, like the inputs never read
+            else:
+                report.failures.append(Failure(str(item.src), _write_failure(item, exc)))
+                if isinstance(exc, OSError) and exc.errno in aio.DISK_FULL and not report.stopped:
+                    report.stopped = f"{aio.os_reason(exc)} writing {item.out}"  # every later write would fail too
+            self.progress.update(1, duration if exc is None else 0.0)
+
+    def failed(self, failure: Failure):
+        with self.lock:
+            self.report.failures.append(failure)
+            self.progress.update(1, 0.0)
+
+    def model_failed(self, item: _Item, exc: Exception):
+        self.failed(Failure(str(item.src), f"model failed: {type(exc).__name__}: {exc}"))
+
+
 def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers, exact, progress,
          log: OutputLog, size_fn=None, memory_budget=2 << 30):
     """Prefetch -> bucket -> model (with fallback) -> write queue -> record, in input order."""
     prog = _Progress(len(jobs), task, progress)
     workers = max(1, int(workers))
-    lock = threading.Lock()
-
-    def on_written(item: _Item, holds, exc):
-        duration = item.meta.get("duration", 0.0)
-        if exc is None:
-            try:
-                log.add(item.src, item.out, holds)
-            except OSError as e:  # the output is fine; only its record is missing (redone next run)
-                exc = e
-        with lock:
-            if exc is None:
-                report.done.append((str(item.src), str(item.out)))
-                report.audio_seconds += duration
-            else:
-                report.failures.append(Failure(str(item.src), f"write failed: {exc}"))
-            prog.update(1, duration if exc is None else 0.0)
-
-    def on_model_failure(item: _Item, exc):
-        report.failures.append(Failure(str(item.src), f"model failed: {type(exc).__name__}: {exc}"))
-        prog.update(1, 0.0)
-
+    outcomes = _Outcomes(report, log, write_fn, prog)
     prefetch = _Prefetcher(jobs, load_fn, size_fn, workers, window=max(2 * workers, 2 * batch_size),
                            memory_budget=memory_budget)
-    writes = _WriteQueue(write_fn, max(1, min(4, workers)), max(4, 2 * batch_size), on_written)
+    writes = _WriteQueue(outcomes.write, max(1, min(4, workers)), max(4, 2 * batch_size), outcomes.written)
     bucketer = _Bucketer(batch_size, exact, max_pending=4 * max(1, batch_size))
 
     def run_batch(batch: list[_Item]):
         t = time.perf_counter()
-        results = run_with_fallback(model_fn, batch, on_model_failure)
+        results = run_with_fallback(model_fn, batch, outcomes.model_failed)
         report.model_seconds += time.perf_counter() - t
         for it, res in results:
             it.rows = None  # free input memory early
@@ -345,7 +370,7 @@ def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers
         prefetch.release(batch)
 
     try:
-        while True:
+        while not report.stopped:
             got = prefetch.next()
             if got is None:
                 break
@@ -358,12 +383,11 @@ def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers
                 continue
             job, item, exc = got
             if exc is not None:
-                report.failures.append(_load_failure(job, exc))
-                prog.update(1, 0.0)
+                outcomes.failed(_load_failure(job, exc))
                 continue
             for batch in bucketer.add(item):
                 run_batch(batch)
-        for batch in bucketer.flush():
+        for batch in [] if report.stopped else bucketer.flush():
             run_batch(batch)
     except BaseException:
         # Ctrl-C / SIGTERM / fatal error: stop reading, let in-flight writes finish atomically
@@ -371,6 +395,12 @@ def _run(task, jobs, report, load_fn, model_fn, write_fn, *, batch_size, workers
         writes.shutdown(cancel=True)
         prog.close()
         raise
-    prefetch.shutdown(wait=True)
-    writes.shutdown()
+    prefetch.shutdown(wait=not report.stopped)
+    writes.shutdown(cancel=bool(report.stopped))
     prog.close()
+
+
+def _write_failure(item: _Item, exc: BaseException) -> str:
+    if isinstance(exc, OSError):  # the temporary is gone (atomic_path): no partial output is left
+        return f"write failed: {aio.os_reason(exc)} ({item.out}); no partial output left"
+    return f"write failed: {type(exc).__name__}: {exc}"

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .modeling import DacModel, encoded_frames
+from .checks import check_codes
+from .modeling import DacModel
 from .streaming import LayerStreams, StreamingDecoder, StreamingEncoder, _check_batch_size, _check_streams
+from .tiles import encoded_frames
 
 
 @dataclass
@@ -130,7 +132,7 @@ class SlotDecoder(_Slots):
         super().__init__(model, slots, model.decoder, one._layer_rates(), packed=True)
         self.lookahead_samples, self.lookahead_frames = one.lookahead_samples, one.lookahead_frames
         # cuda_graphs: a steady group step replays a graph recorded for its key (group size, push size, context
-        # shapes): one graph per slot count in use, as streaming._StepGraphs does for a lockstep decoder
+        # shapes): one graph per slot count in use, as cuda_graphs.StepGraphs does for a lockstep decoder
         self._graphs = one._graphs
         if self._graphs is not None:
             self._graphs.size = 2 * self.slots
@@ -142,7 +144,7 @@ class SlotDecoder(_Slots):
             shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise ValueError(f"slot {slot}: codes must be a tensor of shape (n_codebooks, frames), got {shape}")
         try:
-            self.model._check_codes(codes[None])
+            codes = check_codes(codes[None], self.config)[0]
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"slot {slot}: {exc}") from None
         known = self._states[slot].n_codebooks

@@ -13,34 +13,26 @@ once and what they return equals the offline computation:
 
 The state lives in a ``LayerStreams`` keyed by module name and owned by the streaming object, so several
 streaming objects can drive one model at once. ``DacEncoder.inference`` / ``DacDecoder.inference`` take it
-as their ``flow`` (see ``modeling.conv_step``); offline they run with ``flow=None``.
+as their ``flow`` (see ``convolution.conv_step``); offline they run with ``flow=None``.
 
 Exactness: the decoder's concatenated output equals ``model.decode(audio_codes=whole).audio_values`` to fp32
 rounding (max abs difference below 1e-5: its large convolutions run on packed weights, see
-``modeling.packed_conv1d``, whose bits differ from the offline path's at rounding level); the encoder's codes are
+``convolution.packed_conv1d``, whose bits differ from the offline path's at rounding level); the encoder's codes are
 identical to ``model.encode(whole).audio_codes`` on CPU in fp32 (oneDNN convolutions give every element the
-same bits whatever window it is computed in; see ``modeling.conv_arithmetic``).
+same bits whatever window it is computed in; see ``convolution.conv_arithmetic``).
 """
 
 from __future__ import annotations
 
-import collections
 import math
 
 import torch
 import torch.nn as nn
 
-from . import ops
-from .modeling import (
-    DacModel,
-    conv_arithmetic,
-    conv_transpose_polyphase,
-    decoder_reach,
-    encoded_frames,
-    encoder_reach,
-    tensors_key,
-    zero_outside,
-)
+from .checks import check_codes, check_n_quantizers
+from .convolution import conv_arithmetic, conv_transpose_polyphase, zero_outside
+from .tiles import decoder_reach, encoded_frames, encoder_reach
+from .cuda_graphs import StepGraphs, capture_cuda_graph
 
 
 class LayerStreams:
@@ -50,7 +42,7 @@ class LayerStreams:
     restarted stream's start at each layer). ``starts`` (B,): the frame at which each stream's current
     request began (None until a stream is restarted alone); inputs before it are zeroed at every layer, which
     is the zero padding that request would see alone. ``packed``: the large convolutions run on weights packed
-    once (``modeling.packed_conv1d``: faster for short windows, equal to the offline bits only to rounding).
+    once (``convolution.packed_conv1d``: faster for short windows, equal to the offline bits only to rounding).
     """
 
     def __init__(self, root: nn.Module, batch_size: int, elements_per_frame: dict[str, int], packed: bool = False):
@@ -157,113 +149,10 @@ def _check_batch_size(batch_size) -> int:
     return batch_size
 
 
-def _cuda_graph_of(run):
-    """``run()`` (-> a tuple of tensors, computed from static buffers only) captured in a CUDA graph after a
-    side-stream warm-up, as torch.cuda.graphs' documentation requires. Returns ``replay()`` -> the same tuple,
-    recomputed by the graph in place."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = run()
-
-    def replay():
-        graph.replay()
-        return outputs
-
-    return replay
-
-
-class _CapturedStep:
-    """One steady-state decoder step: the latent of f frames and every layer's kept context in static buffers,
-    the step recorded by ``capture`` (``_cuda_graph_of``; tests on the CPU pass ``lambda run: run``, which
-    replays eagerly through the same bookkeeping)."""
-
-    def __init__(self, decoder: nn.Module, latent: torch.Tensor, layers: LayerStreams, capture):
-        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: copied into in any mode
-            self.latent = torch.empty_like(latent).copy_(latent)
-            self.context = {n: torch.empty_like(t).copy_(t) for n, t in layers.context.items()}
-        position, to_crop = dict(layers.position), dict(layers.to_crop)
-
-        def run():  # the step from the static buffers; its Python bookkeeping is the same at every run
-            layers.context, layers.position, layers.to_crop = dict(self.context), dict(position), dict(to_crop)
-            audio = decoder.inference(self.latent, layers)
-            self.advance = {n: layers.position[n] - position[n] for n in position}
-            return audio, dict(layers.context)
-
-        self.replay = capture(run)
-        self.to_crop = to_crop
-        layers.context, layers.position, layers.to_crop = dict(self.context), position, dict(to_crop)
-
-    def __call__(self, latent: torch.Tensor, layers: LayerStreams) -> torch.Tensor:
-        position = dict(layers.position)
-        self.latent.copy_(latent)
-        for name, kept in layers.context.items():
-            if kept is not self.context[name]:
-                self.context[name].copy_(kept)
-        audio, context = self.replay()
-        for name, kept in context.items():
-            self.context[name].copy_(kept)
-        layers.context, layers.to_crop = dict(self.context), dict(self.to_crop)
-        layers.position = {n: p + self.advance[n] for n, p in position.items()}
-        return audio.clone()  # the static output is overwritten by the next replay
-
-
-class _StepGraphs:
-    """``cuda_graphs=True`` of a streaming decoder: steady-state pushes replay a recorded step.
-
-    A step is steady when no stream was restarted alone, it is not the flush, every transposed convolution
-    has cropped its leading samples, and it leaves every layer's kept context with the shapes it found: then
-    the next push of the same size repeats the same kernels on the same shapes. The first such step of a push
-    size runs eagerly and marks the (push shape, context shapes, weights) key steady; the next is captured,
-    and later ones replay. First pushes, odd-sized pushes, pushes after ``reset(streams)`` (until
-    ``LayerStreams.settle``) and ``flush`` run eagerly. At most ``size`` recorded steps are kept (least recently
-    used dropped)."""
-
-    def __init__(self, capture, size: int = 4):
-        self.capture = capture
-        self.size = size
-        self.steady: set = set()
-        self.steps: collections.OrderedDict = collections.OrderedDict()
-
-    @staticmethod
-    def _shapes(layers: LayerStreams) -> tuple:
-        return tuple(sorted((name, tuple(t.shape)) for name, t in layers.context.items()))
-
-    def step(self, decoder: nn.Module, latent: torch.Tensor, layers: LayerStreams) -> torch.Tensor:
-        weights = tensors_key(list(decoder.parameters()))
-        if (weights is None or layers.starts is not None or layers.final or not layers.context
-                or any(layers.to_crop.values())):
-            return decoder.inference(latent, layers)
-        key = (tuple(latent.shape), latent.dtype, self._shapes(layers), weights, ops.current_backend(),
-               torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        captured = self.steps.get(key)
-        if captured is None and key in self.steady:
-            state = dict(layers.context), dict(layers.position), dict(layers.to_crop)
-            try:
-                captured = self.steps[key] = _CapturedStep(decoder, latent, layers, self.capture)
-            except BaseException:  # the push fails as a whole: the streams' state is as before it
-                layers.context, layers.position, layers.to_crop = state
-                raise
-            while len(self.steps) > self.size:
-                self.steps.popitem(last=False)
-        if captured is not None:
-            self.steps.move_to_end(key)
-            return captured(latent, layers)
-        audio = decoder.inference(latent, layers)
-        if self._shapes(layers) == key[2] and not any(layers.to_crop.values()):
-            self.steady.add(key)
-        return audio
-
-
 class StreamingDecoder:
     """Decode ``batch_size`` independent code streams as their frames arrive; see ``DacModel.streaming_decoder``."""
 
-    def __init__(self, model: DacModel, batch_size: int = 1, cuda_graphs: bool = False):
+    def __init__(self, model, batch_size: int = 1, cuda_graphs: bool = False):
         self.model = model
         self.config = model.config
         self.batch_size = _check_batch_size(batch_size)
@@ -272,7 +161,7 @@ class StreamingDecoder:
         if cuda_graphs and model.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, got {model.device}; "
                              "use cuda_graphs=False here")
-        self._graphs = _StepGraphs(_cuda_graph_of) if cuda_graphs else None  # see _StepGraphs
+        self._graphs = StepGraphs(capture_cuda_graph) if cuda_graphs else None  # see cuda_graphs.StepGraphs
         left, right = decoder_reach(self.config)
         # sample i is final once the frames at positions up to i + right are in
         self.lookahead_samples = right
@@ -324,7 +213,7 @@ class StreamingDecoder:
             raise ValueError(f"audio_codes has {audio_codes.shape[0]} streams; this decoder has {self.batch_size}")
         if self.n_codebooks is not None and audio_codes.shape[1] != self.n_codebooks:
             raise ValueError(f"audio_codes has {audio_codes.shape[1]} codebooks; earlier pushes had {self.n_codebooks}")
-        self.model._check_codes(audio_codes)  # integer, 1..n_codebooks codebooks, non-empty, in range
+        audio_codes = check_codes(audio_codes, self.model.config)  # integer, 1..n_codebooks codebooks, non-empty, in range
         return audio_codes.to(self.model.device)
 
     def push(self, audio_codes: torch.Tensor) -> torch.Tensor:
@@ -370,11 +259,11 @@ class StreamingDecoder:
 class StreamingEncoder:
     """Encode ``batch_size`` audio streams as their samples arrive; see ``DacModel.streaming_encoder``."""
 
-    def __init__(self, model: DacModel, batch_size: int = 1, n_quantizers: int | None = None):
+    def __init__(self, model, batch_size: int = 1, n_quantizers: int | None = None):
         self.model = model
         self.config = model.config
         self.batch_size = _check_batch_size(batch_size)
-        self.n_quantizers = model._check_n_quantizers(n_quantizers)
+        self.n_quantizers = check_n_quantizers(n_quantizers, model.config.n_codebooks)
         # frame f (at sample f * hop_length) is final once samples through f * hop_length + right are in
         self.lookahead_samples = encoder_reach(self.config)[1]
         self.reset()

@@ -296,7 +296,7 @@ def test_prefetch_memory_budget_bounds_loaded_audio(tmp_path, model):
 
 
 def test_load_model_dispatch(tmp_path, monkeypatch, capsys):
-    import dac_fast.batch as B
+    import dac_fast.job_model as B
 
     calls = []
 
@@ -325,6 +325,12 @@ def test_load_model_dispatch(tmp_path, monkeypatch, capsys):
     assert "--" not in str(rec[0].message)  # no CLI advice from the Python API
     assert capsys.readouterr().err == ""
     (tmp_path / "ckpt").mkdir()
+    with pytest.raises(B.UserError, match="it has no config.json"):
+        B.load_model(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    with pytest.raises(B.UserError, match=r"holds no model weights \(model.safetensors or pytorch_model.bin\)"):
+        B.load_model(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"x")
     assert B.load_model(tmp_path / "ckpt").how == ("pretrained", str(tmp_path / "ckpt"))
     (tmp_path / "w.pth").write_bytes(b"x")
     assert B.load_model(str(tmp_path / "w.pth")).how == ("original", str(tmp_path / "w.pth"))
@@ -362,8 +368,9 @@ def test_decode_original_chunked_dac(tmp_path, model):
 
 
 def test_resume_trusts_only_outputs_it_can_vouch_for(tmp_path, model):
-    """A truncated output, a changed source and an unrecorded output are redone; outputs of another
-    setup (n_quantizers, weights) stop the run before anything is written; overwrite redoes them."""
+    """A changed source and a damaged output (at its recorded size) are redone; a file that nothing records
+    and an output changed since it was written are not ours: failures, left as they are; outputs of another
+    setup (n_quantizers, weights) stop the run before anything is written; overwrite redoes them all."""
     src = tmp_path / "in"
     for i, name in enumerate("abc"):
         _clip(src / f"{name}.wav", 16000, 0.1 + 0.03 * i, seed=i)
@@ -377,13 +384,22 @@ def test_resume_trusts_only_outputs_it_can_vouch_for(tmp_path, model):
     _clip(src / "b.wav", 16000, 0.2, seed=7)  # the source changed since
     lines = (out / ".dac-fast-outputs.jsonl").read_text().splitlines()
     (out / ".dac-fast-outputs.jsonl").write_text("\n".join(l for l in lines if '"c.dac"' not in l) + "\n")
+    c_bytes = (out / "c.dac").read_bytes()
     rep = encode_files([src], out, model, progress=False)
-    assert rep.ok, rep.summary()
-    why = {os.path.basename(f.path): f.reason for f in rep.redone}
-    assert set(why) == {"a.wav", "b.wav", "c.wav"} and not rep.skipped
-    assert "changed size" in why["a.wav"] and "source changed" in why["b.wav"] and "nothing records" in why["c.wav"]
-    np.testing.assert_array_equal(DacFile.load(out / "a.dac").codes, good["a.dac"])
+    failed = {os.path.basename(f.path): f.reason for f in rep.failures}
+    assert set(failed) == {"a.wav", "c.wav"} and all("use --overwrite" in r for r in failed.values()), failed
+    assert "changed since dac-fast wrote it" in failed["a.wav"] and "did not write it" in failed["c.wav"]
+    assert (out / "a.dac").read_bytes() == raw[: len(raw) // 2] and (out / "c.dac").read_bytes() == c_bytes
+    assert [(os.path.basename(f.path), f.reason) for f in rep.redone] == [("b.wav", "the source changed since its output was made")]
     assert DacFile.load(out / "b.dac").frames == math.ceil(0.2 * 16000 / 320)
+    rep = encode_files([src], out, model, overwrite=True, progress=False)
+    assert rep.ok and len(rep.done) == 3, rep.summary()
+    np.testing.assert_array_equal(DacFile.load(out / "a.dac").codes, good["a.dac"])
+    (out / "a.dac").write_bytes(bytes(len(raw)))  # damaged in place, at its recorded size: still ours
+    rep = encode_files([src], out, model, progress=False)
+    assert rep.ok and [os.path.basename(f.path) for f in rep.redone] == ["a.wav"] and len(rep.skipped) == 2
+    assert "damaged" in rep.redone[0].reason
+    np.testing.assert_array_equal(DacFile.load(out / "a.dac").codes, good["a.dac"])
     # another setup: refused, nothing touched
     before = {n: (out / n).stat().st_mtime_ns for n in _outputs(out)}
     with pytest.raises(UserError, match=r"n_quantizers: None then, 4 now") as ei:
@@ -396,14 +412,16 @@ def test_resume_trusts_only_outputs_it_can_vouch_for(tmp_path, model):
     rep = encode_files([src], out, model, n_quantizers=4, overwrite=True, progress=False)
     assert len(rep.done) == 3 and DacFile.load(out / "c.dac").n_codebooks == 4
     assert len(encode_files([src], out, model, n_quantizers=4, progress=False).skipped) == 3
-    # decoded audio: a truncated output is redone
+    # decoded audio: a truncated output is not ours any more (left alone) until --overwrite
     dec = tmp_path / "dec"
     decode_files([out], dec, model, progress=False)
     raw = (dec / "a.wav").read_bytes()
     (dec / "a.wav").write_bytes(raw[:-100])
     rep = decode_files([out], dec, model, progress=False)
-    assert [os.path.basename(f.path) for f in rep.redone] == ["a.dac"] and len(rep.skipped) == 2
-    assert sf.info(str(dec / "a.wav")).frames == sf.info(str(src / "a.wav")).frames
+    assert [os.path.basename(f.path) for f in rep.failures] == ["a.dac"] and len(rep.skipped) == 2
+    assert (dec / "a.wav").read_bytes() == raw[:-100]
+    rep = decode_files([out], dec, model, overwrite=True, progress=False)
+    assert rep.ok and sf.info(str(dec / "a.wav")).frames == sf.info(str(src / "a.wav")).frames
 
 
 class ConfigOnly:
@@ -455,7 +473,7 @@ def test_nothing_to_do_is_not_success(tmp_path, model):
 
 
 def test_bad_arguments_and_output_dir_fail_before_the_model_loads(tmp_path, monkeypatch):
-    import dac_fast.batch as B
+    import dac_fast.job_model as B
 
     def no_model():
         raise AssertionError("the model must not be built")

@@ -88,7 +88,7 @@ def test_encode_decode_info_exit_codes(tmp_path, capsys):
 
 
 def _no_model(monkeypatch):
-    import dac_fast.batch as B
+    import dac_fast.job_model as B
 
     def fail():
         raise AssertionError("the model must not be built")

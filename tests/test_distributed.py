@@ -4,6 +4,8 @@ Small generated files and the 16khz preset (random weights); one Ray instance fo
 """
 
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +127,27 @@ def test_encode_outputs_errors_and_resume(ray_local, corpus, single_machine, tmp
     # a resume with a different model setup is refused
     with pytest.raises(ValueError, match="different setup"):
         dist.encode_dataset([str(corpus)], out, model=MODEL, n_quantizers=4, progress=False)
+
+
+def test_writer_never_replaces_a_file_it_did_not_write(ray_local, corpus, single_machine, tmp_path):
+    out = tmp_path / "codes"
+    theirs = out / dist.DAC_DIR / "a.dac"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"the user's own file")
+    a, b = (str((corpus / name).resolve()) for name in ("a.wav", "b.wav"))
+    run = lambda: dist.encode_dataset([a, b], out, model=MODEL, batch_size=2, concurrency=1, write_dac=True,  # noqa: E731
+                                      progress=False)
+    rep = run()
+    assert [d[0] for d in rep.done] == [b] and [f.path for f in rep.failures] == [a]
+    assert "did not write it" in rep.failures[0].reason and theirs.read_bytes() == b"the user's own file"
+    # killed after writing b.dac but before its shard: the identical .dac is the job's own, kept as it is
+    theirs.unlink()
+    shutil.rmtree(out / dist.SHARDS_DIR)
+    rep = run()
+    assert rep.ok and sorted(d[0] for d in rep.done) == [a, b], rep.summary()
+    for path in (a, b):
+        np.testing.assert_array_equal(DacFile.load(out / dist.DAC_DIR / (Path(path).stem + ".dac")).codes,
+                                      single_machine[path])
 
 
 def test_dataset_input_two_workers(ray_local, corpus, single_machine, tmp_path):

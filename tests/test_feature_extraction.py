@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dac_fast import DacConfig, DacFeatureExtractor, DacModel
 from dac_fast.loading import randomize_
-from dac_fast.modeling import encoded_frames
+from dac_fast.tiles import encoded_frames
 from tests.reference import hf_config, synth_audio
 
 # A small model of the real structure (hop 40) for the encode checks that do not need the real shapes.
@@ -89,7 +89,7 @@ def test_channels_are_named_in_shape_errors():
         fe(np.zeros((8000, 2), np.float32), sampling_rate=16000)
     with pytest.raises(ValueError, match=r"raw_audio\[1\] has shape \(2, 500\): expected mono"):
         fe([np.zeros(100, np.float32), np.zeros((2, 500), np.float32)], sampling_rate=16000)
-    one_row = fe(np.ones((1, 100), np.float32), sampling_rate=16000)["input_values"]  # (1, T) is mono
+    one_row = fe(np.ones((1, 100), np.float32), sampling_rate=16000, return_tensors="np")["input_values"]  # (1, T) is mono
     assert one_row.shape == (1, 1, 320) and one_row[0, 0, :100].min() == 1
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from dac_fast import DacConfig
-from dac_fast.modeling import decoded_length
+from dac_fast.tiles import decoded_length
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -258,7 +258,7 @@ def test_polyphase_cache_sees_in_place_updates(saved_small):
         fresh.load_state_dict(model.state_dict())
         assert not torch.equal(before, expected)
         assert torch.equal(fresh.decode(audio_codes=codes).audio_values, expected)
-    from dac_fast.modeling import conv_transpose_polyphase
+    from dac_fast.convolution import conv_transpose_polyphase
 
     conv = torch.nn.ConvTranspose1d(6, 4, 8, stride=4, padding=2)
     x = torch.randn(2, 6, 9)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dac_fast import DacFeatureExtractor, DacModel, ops
-from dac_fast.modeling import decoded_length
+from dac_fast.tiles import decoded_length
 from tests.reference import model_pair, synth_audio
 
 transformers = pytest.importorskip("transformers")
@@ -194,7 +194,7 @@ def test_weight_norm_training_never_builds_conv_weights(monkeypatch):
 def test_conv_forward_weight_norm_axis(transposed):
     """The scale goes on the axis weight norm normalizes: output channels for Conv1d, input channels for
     ConvTranspose1d (its weight is (C_in, C_out, k))."""
-    from dac_fast.modeling import conv_forward
+    from dac_fast.convolution import conv_forward
 
     torch.manual_seed(0)
     conv = (torch.nn.ConvTranspose1d(6, 4, kernel_size=8, stride=4, padding=2) if transposed
@@ -249,7 +249,7 @@ def test_tiles_group_batch_items(tile_frames):
 
 @pytest.mark.parametrize("stride, length", [(2, 1), (3, 17), (4, 64), (5, 33), (8, 7)])
 def test_polyphase_transposed_convolution(stride, length):
-    from dac_fast.modeling import conv_transpose_polyphase
+    from dac_fast.convolution import conv_transpose_polyphase
 
     torch.manual_seed(stride)
     conv = torch.nn.ConvTranspose1d(6, 5, 2 * stride, stride, padding=math.ceil(stride / 2))

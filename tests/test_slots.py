@@ -165,14 +165,14 @@ def staggered_pushes(dec, codes: torch.Tensor) -> list:
 def test_recorded_group_steps_replay_exactly():
     """``cuda_graphs``' bookkeeping on the CPU with a recorder that replays eagerly: one recorded step per group
     size in steady state, and every output equals the eager slot decoder's exactly."""
-    from dac_fast.streaming import _StepGraphs
+    from dac_fast.cuda_graphs import StepGraphs
 
     model = model_for("16khz")
     codes = torch.randint(0, 1024, (3, 12, 40), generator=torch.Generator().manual_seed(9))
     expected, _ = staggered_pushes(SlotDecoder(model, slots=3), codes)
     dec = SlotDecoder(model, slots=3)
     recorded = []
-    dec._graphs = _StepGraphs(lambda run: recorded.append(run) or run, size=6)
+    dec._graphs = StepGraphs(lambda run: recorded.append(run) or run, size=6)
     outs, pushed = staggered_pushes(dec, codes)
     assert 2 <= len(recorded) <= 3, "one recorded step per steady group size"
     for tick, (out, ref) in enumerate(zip(outs, expected)):

@@ -163,16 +163,16 @@ def test_updates_through_data_need_clear_weight_caches(audio):
 
 def test_moving_a_model_drops_its_weight_caches(audio):
     """.to()/.half() clear the caches first: nothing built from the old weights (nor the old weights) is kept."""
-    from dac_fast.modeling import _PACKED_WEIGHTS
+    from dac_fast.convolution import PACKED_WEIGHTS
 
     model = DacModel.from_preset("16khz", seed=0)
     codes = _codes(model, audio)
     model.streaming_decoder(batch_size=codes.shape[0]).push(torch.cat([codes, codes], dim=-1))
     assert any("_derived" in m.__dict__ for m in model.modules())
-    assert any(m in _PACKED_WEIGHTS for m in model.modules())
+    assert any(m in PACKED_WEIGHTS for m in model.modules())
     model.to(torch.float64)
     assert not any("_derived" in m.__dict__ for m in model.modules())
-    assert not any(m in _PACKED_WEIGHTS for m in model.modules())
+    assert not any(m in PACKED_WEIGHTS for m in model.modules())
 
 
 def test_model_deep_copies_and_pickles_after_use(audio):

@@ -44,6 +44,9 @@ the same ``output`` skips completed inputs and retries the rest.
 
 from .._lazy import lazy_module
 
+# here, below both the CLI hook (command) and the driver, so neither imports the other for it
+DEFAULT_STALL_TIMEOUT = 1800.0  # seconds without a completed block before the driver stops the job
+
 # public name -> submodule that defines it
 _EXPORTS = {
     "encode_dataset": "driver",
@@ -51,7 +54,6 @@ _EXPORTS = {
     "worker_runtime_env": "driver",
     "add_ray_arguments": "command",
     "run_from_cli": "command",
-    "DEFAULT_STALL_TIMEOUT": "command",
     "read_codes": "schema",
     "read_manifest": "schema",
     "read_errors": "schema",
@@ -68,5 +70,5 @@ _EXPORTS = {
     "ENCODER_CRASH_ENV": "stages",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = ["DEFAULT_STALL_TIMEOUT", *_EXPORTS]
 __getattr__, __dir__ = lazy_module(__name__, _EXPORTS)

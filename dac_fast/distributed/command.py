@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from .. import io as aio
+from . import DEFAULT_STALL_TIMEOUT
 
-DEFAULT_STALL_TIMEOUT = 1800.0  # seconds without a completed block before the driver stops the job
 
 
 def add_ray_arguments(parser) -> None:

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import io as aio
-from ..batch import AUDIO_EXTENSIONS, Failure, Report, _check_nq, expand_inputs, load_model, model_rate_and_hop
-from .command import DEFAULT_STALL_TIMEOUT
-from .schema import RUN_INFO, SHARDS_DIR, completed, read_errors, shard_files, write_summary
+from ..arguments import check_n_quantizers
+from ..job_model import load_model, model_config, model_rate_and_hop, n_codebooks_of
+from ..planning import AUDIO_EXTENSIONS, encoded_output, expand_inputs, output_collisions, refuse_outputs_onto_inputs
+from ..runner import Failure, Report
+from . import DEFAULT_STALL_TIMEOUT
+from .schema import DAC_DIR, RUN_INFO, SHARDS_DIR, completed, read_errors, shard_files, write_summary
 from .stages import AttemptLedger, Encoder, Reader, Writer
 
 LOST = "lost: Ray gave up on its block after retries (worker crash?); re-run to retry"
@@ -95,7 +98,7 @@ def encode_dataset(
     ``ray.data.read_binary_files(..., include_paths=True)``) or ``audio``/``amplitude`` holding
     samples (channels, samples) with a ``sample_rate`` column.
     ``output``: a directory every node sees (layout in dac_fast.distributed's docstring).
-    ``model``: a spec for :func:`dac_fast.batch.load_model` (directory, .pth, hub id, preset)
+    ``model``: a spec for :func:`dac_fast.job_model.load_model` (directory, .pth, hub id, preset)
     loaded once per actor, or a model object (pickled to the actors).
     ``batch_size``: inputs per actor call (items of equal frame count are encoded together).
     ``num_gpus_per_worker``: GPUs per encoder actor (0: CPU actors). ``concurrency``: number of
@@ -231,12 +234,18 @@ def _prepare_output(output: Path, model, seed, dtype, n_quantizers, normalize_db
     (output / SHARDS_DIR).mkdir(exist_ok=True)
     sr, hop, n_cb, spec, holder = _model_info(model, seed, dtype)
     if n_quantizers is not None:
-        _check_nq(n_quantizers, holder)
+        check_n_quantizers(n_quantizers, n_codebooks_of(holder.config))
     info = {"model_sample_rate": sr, "hop_length": hop, "n_codebooks": n_cb, "n_quantizers": n_quantizers,
             "normalize_db": normalize_db, "model": spec if isinstance(spec, str) else type(spec).__name__}
     info_path = output / RUN_INFO
     if info_path.exists():
-        prev = json.loads(info_path.read_text())
+        try:
+            prev = json.loads(info_path.read_text())
+        except ValueError:
+            prev = None
+        if not isinstance(prev, dict) or "model_sample_rate" not in prev:
+            raise ValueError(f"{info_path} exists and dac-fast did not write it; not replaced: use another "
+                             "output directory")
         diff = {k: (prev.get(k), info[k]) for k in ("model_sample_rate", "hop_length", "n_codebooks", "n_quantizers",
                                                     "normalize_db") if prev.get(k) != info[k]}
         if diff and shard_files(output):
@@ -255,23 +264,13 @@ def _model_info(model, seed, dtype):
 
     if isinstance(model, (str, os.PathLike)):
         spec = str(model)
-        holder = None
-        try:
-            from ..batch import PRESET_NAMES
-            from ..configuration import DacConfig
-
-            if spec in PRESET_NAMES:
-                holder = SimpleNamespace(config=DacConfig.from_preset(spec))
-            elif (Path(spec).expanduser() / "config.json").is_file():
-                holder = SimpleNamespace(config=DacConfig.from_pretrained(Path(spec).expanduser()))
-        except Exception:
-            holder = None
-        if holder is None:
-            holder = load_model(spec, "cpu", dtype, seed=seed, quiet=True)
+        config = model_config(spec)
+        holder = (SimpleNamespace(config=config) if config is not None
+                  else load_model(spec, "cpu", dtype, seed=seed, quiet=True))
     else:
         spec = holder = model
     sr, hop = model_rate_and_hop(holder)
-    return sr, hop, int(getattr(holder.config, "n_codebooks", 0)) or None, spec, holder
+    return sr, hop, n_codebooks_of(holder.config), spec, holder
 
 
 def _input_dataset(ray, inputs, output: Path, write_dac: bool, files_per_block: int, report: Report):
@@ -286,14 +285,16 @@ def _input_dataset(ray, inputs, output: Path, write_dac: bool, files_per_block: 
         return (ds.map(_add_rel) if write_dac else ds), None
     expanded, failures = expand_inputs(inputs, AUDIO_EXTENSIONS)
     report.failures += failures
-    items, claimed = [], {}
+    if write_dac:  # inputs sharing a .dac path fail (the .dac files mirror the input tree)
+        pairs = [(src, encoded_output(output / DAC_DIR, rel, "dac")) for src, rel in expanded]
+        refuse_outputs_onto_inputs(pairs)
+        kept, collisions = output_collisions(pairs)
+        report.failures += collisions
+        kept_sources = {src for src, _ in kept}
+        expanded = [(src, rel) for src, rel in expanded if src in kept_sources]
+    items = []
     for src, rel in expanded:
         key = os.path.abspath(src)
-        out_key = str(rel.with_suffix(""))
-        if write_dac and out_key in claimed:
-            report.failures.append(Failure(key, f"output {out_key}.dac already claimed by {claimed[out_key]}"))
-            continue
-        claimed[out_key] = key
         if key in done:
             report.skipped.append((key, done[key]["shard"]))
             continue

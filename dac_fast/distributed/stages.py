@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import io as aio
-from ..batch import encoded_output
+from ..planning import encoded_output
 from ..dacfile import DacFile
 from ..runner import run_with_fallback
 from .schema import DAC_DIR, SHARDS_DIR, codes_from_row, pq, shard_table
@@ -156,7 +156,7 @@ class Encoder:
             os._exit(1)
         import torch
 
-        from ..batch import _accepts, _check_nq, load_model, model_rate_and_hop
+        from ..job_model import JobModel
         from ..runtime import tune_allocator
 
         if threads:
@@ -169,14 +169,10 @@ class Encoder:
             torch.backends.cudnn.allow_tf32 = False
         else:
             tune_allocator()  # glibc mallopt: large CPU temporaries stop page-faulting
-        self.model = load_model(model, device, dtype, seed=seed, quiet=True)
-        p = next(self.model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.sr, self.hop = model_rate_and_hop(self.model)
-        self.nq = None if n_quantizers is None else _check_nq(n_quantizers, self.model)
-        self.kw = {}
-        if tile_frames is not None and _accepts(self.model.encode, "tile_frames"):
-            self.kw["tile_frames"] = int(tile_frames)
+        job = JobModel(model, device=device, dtype=dtype, seed=seed, n_quantizers=n_quantizers, quiet=True).load()
+        self.model, self.device, self.dtype = job.model, job.device, job.dtype
+        self.sr, self.hop, self.nq = job.sample_rate, job.hop, job.n_quantizers
+        self.kw = job.call_options("encode", tile_frames)
         self._ledger_call("finish", constructor_key)
 
     def _start_constructor(self) -> str | None:
@@ -290,14 +286,23 @@ class Writer:
         }
 
     def _write_dac(self, batch: dict, i: int) -> str:
-        """Write one input's .dac file; returns "" or the error."""
+        """Write one input's .dac file; returns "" or the error. A file already at its path is kept when it holds
+        exactly these bytes (this job's own, written before a crash lost its shard) and is never replaced
+        otherwise: it is not ours (the Ray path has no --overwrite)."""
         try:
             c = int(batch["channels"][i])
             codes = codes_from_row({k: batch[k][i] for k in ("codes", "channels", "n_codebooks", "frames")})
             f = DacFile(codes=codes, input_db=np.array([batch["input_db"][i]], np.float32),
                         original_length=int(batch["original_length"][i]), sample_rate=int(batch["sample_rate"][i]),
                         chunk_length=codes.shape[-1], channels=c, padding=True)
-            f.save(encoded_output(self.output / DAC_DIR, Path(str(batch["rel"][i])), "dac"))
+            path = encoded_output(self.output / DAC_DIR, Path(str(batch["rel"][i])), "dac")
+            if path.exists():
+                if path.read_bytes() == f.to_bytes():
+                    return ""
+                return f"{path} exists and dac-fast did not write it; not replaced: use another output directory"
+            f.save(path)
             return ""
+        except OSError as exc:
+            return f"write failed: {aio.os_reason(exc)} ({exc.filename or ''})"[:500]
         except Exception as exc:
             return f"write failed: {type(exc).__name__}: {exc}"[:500]

@@ -10,7 +10,7 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_serve_parser(sub) -> None:
-    from ..batch import PRESET_NAMES
+    from ..job_model import PRESET_NAMES
 
     p = sub.add_parser(
         "serve", help="serve exact streaming encode/decode over WebSockets and HTTP",
@@ -63,7 +63,8 @@ def run_serve(args: argparse.Namespace) -> int:
             or not 0 <= args.port < 65536):
         return _fail("--queue must be >= 0, --max-message-bytes, --outbox, --max-stream-seconds and "
                      "--send-timeout positive, --port in [0, 65535]")
-    from ..batch import PRESET_NAMES, UserError, load_model
+    from ..arguments import UserError
+    from ..job_model import PRESET_NAMES, load_model
     from ..io import require
 
     if args.model in PRESET_NAMES and not args.random_weights:

@@ -21,7 +21,9 @@ import time
 
 import torch
 
-from ..modeling import DacModel, decoded_length
+from ..checks import check_codes
+from ..modeling import DacModel
+from ..tiles import decoded_length
 from ..slots import SlotDecoder, SlotEncoder
 
 
@@ -208,7 +210,7 @@ class Scheduler:
         codes = torch.as_tensor(codes)
         if codes.dim() != 2:
             raise ValueError(f"codes must have shape (n_codebooks, frames), got {tuple(codes.shape)}")
-        self.model._check_codes(codes[None])
+        codes = check_codes(codes[None], self.model.config)[0]
         return await self._offline_request("decode", codes)
 
     async def _offline_request(self, op: str, value):
