@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "CPU and CUDA (and why not), the CUDA device, the allocator setting and "
                                      "the extension's build flags.")
     doc.add_argument("--json", action="store_true", help="print JSON")
+    from .serving.command import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -180,6 +183,10 @@ def main(argv=None) -> int:
             return _info(args)
         if args.command == "doctor":
             return _doctor(args)
+        if args.command == "serve":
+            from .serving.command import run_serve
+
+            return run_serve(args)
         return _run(args)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

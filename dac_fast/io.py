@@ -59,6 +59,8 @@ _OPTIONAL = {
     "scipy": ("scipy", "pip install scipy (pyloudnorm's dependency: `pip install dac-fast` installs it)"),
     "ray": ("ray[data]", "pip install 'dac-fast[ray]'"),
     "pyarrow": ("pyarrow", "pip install 'dac-fast[ray]'"),
+    **{name: (name, "pip install 'dac-fast[serve]'") for name in ("uvicorn", "starlette", "websockets")},
+    "prometheus_client": ("prometheus-client", "pip install 'dac-fast[serve]'"),
 }
 
 

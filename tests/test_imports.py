@@ -17,7 +17,7 @@ from dac_fast.tiles import decoded_length
 ROOT = Path(__file__).resolve().parents[1]
 
 BLOCKED = ["soundfile", "soxr", "pyloudnorm", "scipy", "ray", "tqdm", "pyarrow", "pandas", "safetensors",
-           "huggingface_hub", "transformers"]
+           "huggingface_hub", "transformers", "starlette", "uvicorn", "websockets", "prometheus_client"]
 
 CHILD = r"""
 import importlib.abc, json, sys

@@ -1,0 +1,109 @@
+"""``dac-fast serve``: its arguments (no torch import, for ``--help``) and the run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def add_serve_parser(sub) -> None:
+    from ..job_model import PRESET_NAMES
+
+    p = sub.add_parser(
+        "serve", help="serve exact streaming encode/decode over WebSockets and HTTP",
+        description="Serve one model to many clients: WebSocket streams (/v1/decode, /v1/encode) batched through "
+                    "fixed slots, whole-file POST /v1/encode and /v1/decode, /healthz and /metrics. Binds "
+                    "127.0.0.1 unless --host says otherwise; a non-local host needs --token or --insecure.")
+    p.add_argument("--model", required=True, metavar="SPEC",
+                   help="local model directory, original .pth checkpoint or hub id; a preset name ("
+                        + "|".join(PRESET_NAMES) + ") with --random-weights")
+    p.add_argument("--random-weights", action="store_true", help="allow a preset --model (seeded RANDOM weights)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --random-weights model (default: 0)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--slots", type=int, default=8, metavar="N", help="decode streams at once (default: 8)")
+    p.add_argument("--encode-slots", type=int, default=4, metavar="N", help="encode streams at once (default: 4)")
+    p.add_argument("--queue", type=int, default=8, metavar="N",
+                   help="streams waiting for a slot before new ones are refused with 1013 (default: 8)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--token", default=None, help="bearer token every connection must present")
+    p.add_argument("--insecure", action="store_true", help="allow a non-local --host without --token")
+    p.add_argument("--max-message-bytes", type=int, default=1 << 20, metavar="N",
+                   help="largest WebSocket message (default: 1 MiB)")
+    p.add_argument("--max-stream-seconds", type=float, default=3600.0, metavar="S",
+                   help="longest stream, in seconds of audio (default: 3600)")
+    p.add_argument("--outbox", type=int, default=32, metavar="N",
+                   help="replies waiting for a slow client before it is dropped with 1008 (default: 32)")
+    p.add_argument("--send-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a reply may wait for a client that does not read (default: 10)")
+    p.add_argument("--no-slot-batching", dest="slot_batching", action="store_false",
+                   help="run each stream's push as its own model call (a baseline for benchmarks)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: steady decode ticks replay a graph recorded per slot count in use")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
+
+
+def _fail(message: str) -> int:
+    print(f"dac-fast serve: {message}", file=sys.stderr)
+    return 2
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if args.host not in LOCAL_HOSTS and not args.token and not args.insecure:
+        return _fail(f"--host {args.host} is reachable from other machines: pass --token TOKEN (clients send "
+                     "'Authorization: Bearer TOKEN') or --insecure to serve without one")
+    for name in ("slots", "encode_slots"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if (args.queue < 0 or min(args.max_message_bytes, args.outbox) < 1 or min(args.max_stream_seconds,
+                                                                             args.send_timeout) <= 0
+            or not 0 <= args.port < 65536):
+        return _fail("--queue must be >= 0, --max-message-bytes, --outbox, --max-stream-seconds and "
+                     "--send-timeout positive, --port in [0, 65535]")
+    from ..arguments import UserError
+    from ..job_model import PRESET_NAMES, load_model
+    from ..io import require
+
+    if args.model in PRESET_NAMES and not args.random_weights:
+        return _fail(f"--model {args.model} is a preset with RANDOM weights: add --random-weights to use it")
+    uvicorn = require("uvicorn", "dac-fast serve")
+    import torch
+
+    from .scheduler import Scheduler
+    from .server import create_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = load_model(args.model, args.device, seed=args.seed, quiet=True)
+    except UserError as exc:
+        return _fail(exc.for_cli())
+    scheduler = Scheduler(model, decode_slots=args.slots, encode_slots=args.encode_slots, waiting=args.queue,
+                          batch_streams=args.slot_batching, cuda_graphs=args.cuda_graphs)
+    app = create_app(scheduler, token=args.token, max_message_bytes=args.max_message_bytes,
+                     max_stream_seconds=args.max_stream_seconds, outbox=args.outbox,
+                     send_timeout=args.send_timeout)
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM/SIGINT: stop accepting, let every stream finish its push in flight and close it with 1001,
+        then uvicorn's own shutdown (which stops the scheduler)."""
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started:
+                port = self.servers[0].sockets[0].getsockname()[1]
+                print(f"dac-fast serve: listening on http://{args.host}:{port}", flush=True)
+
+        async def shutdown(self, sockets=None):
+            for server in self.servers:
+                server.close()
+            await app.state.dac.drain()
+            await super().shutdown(sockets=sockets)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", ws="websockets-sansio",
+                            ws_max_size=args.max_message_bytes + 1024, timeout_graceful_shutdown=30)
+    asyncio.run(DrainingServer(config).serve())
+    return 0

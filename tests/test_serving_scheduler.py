@@ -1,0 +1,93 @@
+"""The serving scheduler (dac_fast.serving.Scheduler) without a network: concurrent asyncio streams joining and
+leaving at random, each checked against the offline path alone; bounds, failures and whole-file batching."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from dac_fast import DacModel
+from dac_fast.serving import Busy, Scheduler, StreamClosed
+from tests.reference import synth_audio
+
+ATOL = 1e-5
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DacModel.from_preset("16khz", seed=21)
+
+
+def test_concurrent_streams_are_exact_and_batched(model):
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    hop = model.config.hop_length
+    clips = [torch.randint(0, 1024, (12, int(rng.integers(4, 9))), generator=gen) for _ in range(4)]
+    audios = [torch.from_numpy(synth_audio(int(rng.integers(2 * hop, 5 * hop)), 16000, seed=i)) for i in range(2)]
+
+    async def decode_client(scheduler, codes, delay):
+        await asyncio.sleep(delay)
+        stream = await scheduler.open_decode_stream()
+        outs, start = [], 0
+        while start < codes.shape[-1]:
+            size = int(rng.choice([1, 2, 4]))
+            outs.append(await stream.push(codes[:, start : start + size]))
+            start += size
+        outs.append(await stream.finish())
+        return torch.cat(outs)
+
+    async def encode_client(scheduler, audio):
+        stream = await scheduler.open_encode_stream()
+        outs = [await stream.push(audio[i : i + hop]) for i in range(0, audio.shape[0], hop)]
+        outs.append(await stream.finish())
+        return torch.cat(outs, dim=-1)
+
+    async def main(scheduler):
+        # 4 decode clients on 2 slots: two wait for a slot, then reuse it
+        return await asyncio.gather(*[decode_client(scheduler, c, 0.01 * i) for i, c in enumerate(clips)],
+                                    *[encode_client(scheduler, a) for a in audios])
+
+    with Scheduler(model, decode_slots=2, encode_slots=2, waiting=4) as scheduler:
+        results = asyncio.run(main(scheduler))
+        metrics = scheduler.metrics()
+    with torch.inference_mode():
+        for codes, audio in zip(clips, results):
+            expected = model.decode(audio_codes=codes[None]).audio_values[0]
+            assert audio.shape == expected.shape and (audio - expected).abs().max().item() <= ATOL
+        for clip, codes in zip(audios, results[len(clips):]):
+            assert torch.equal(codes, model.encode(clip[None, None]).audio_codes[0])
+    assert metrics["most_tick_streams"] >= 3 and metrics["lanes"]["decode"]["active"] == 0
+
+
+def test_bounds_failures_and_offline_batches(model):
+    gen = torch.Generator().manual_seed(1)
+    codes = [torch.randint(0, 1024, (12, n), generator=gen) for n in (5, 3)]
+
+    async def main(scheduler):
+        first = await scheduler.open_decode_stream()
+        with pytest.raises(Busy, match="1 decode slots and 0 waiting places"):
+            await scheduler.open_decode_stream()
+        with pytest.raises(ValueError, match=r"slot 0: .*\[0, 1024\)"):
+            await first.push(codes[0] + 2000)  # bad input: refused before it reaches the thread
+        good = await first.push(codes[0][:, :2])
+        scheduler.fault = lambda kind: (_ for _ in ()).throw(RuntimeError("injected"))
+        with pytest.raises(StreamClosed, match="injected"):
+            await first.push(codes[0][:, 2:])
+        with pytest.raises(StreamClosed):
+            await first.push(codes[0][:, 2:])  # the failed stream stays closed
+        scheduler.fault = None
+        second = await scheduler.open_decode_stream()  # its slot was freed; the scheduler goes on
+        out = torch.cat([await second.push(codes[1]), await second.finish()])
+        offline = await asyncio.gather(scheduler.decode(codes[0]), scheduler.decode(codes[1]))
+        return good, out, offline
+
+    with Scheduler(model, decode_slots=1, encode_slots=1, waiting=0) as scheduler:
+        good, out, offline = asyncio.run(main(scheduler))
+        assert scheduler.failed_ticks == 1
+    with torch.inference_mode():
+        expected = [model.decode(audio_codes=c[None]).audio_values[0] for c in codes]
+    assert (out - expected[1]).abs().max().item() <= ATOL
+    for audio, exp in zip(offline, expected):
+        assert audio.shape == exp.shape and (audio - exp).abs().max().item() <= ATOL
