@@ -122,7 +122,8 @@ def check_latent(z: torch.Tensor, hidden_size: int) -> None:
 
 def _require_inference(name: str, inference: bool) -> None:
     if not inference:
-        raise ValueError(f"{name} is supported in inference only (eval mode, no autograd)")
+        raise ValueError(f"{name} is supported in inference only: call model.eval() and run under "
+                         "torch.inference_mode() or torch.no_grad()")
 
 
 def check_padding_mask(padding_mask, input_values: torch.Tensor, checks: DeviceChecks, inference: bool) -> torch.Tensor:
