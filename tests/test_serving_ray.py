@@ -41,7 +41,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for_health(url: str, process) -> dict:
+def wait_for_health(url: str, process, log: Path) -> dict:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         try:
@@ -50,13 +50,13 @@ def wait_for_health(url: str, process) -> dict:
                     return json.loads(response.read())
         except OSError:
             pass
-        assert process.poll() is None, f"dac-fast serve --ray exited ({process.returncode}): {process.stdout.read()}"
+        assert process.poll() is None, f"dac-fast serve --ray exited ({process.returncode}): {log.read_text()}"
         assert time.monotonic() < deadline, f"{url}/healthz did not answer within {READY_TIMEOUT_S} s"
         time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
-def ray_server():
+def ray_server(tmp_path_factory):
     """``dac-fast serve --ray ADDRESS`` in a subprocess, joined to a 2-CPU local Ray started here."""
     import ray
     from ray import serve
@@ -70,12 +70,13 @@ def ray_server():
                    "--model", "16khz", "--random-weights", "--seed", str(SEED), "--port", str(port),
                    "--slots", "2", "--encode-slots", "1", "--queue", "1", "--token", TOKEN, "--threads", "1",
                    "--replicas", "1", "--replica-cpus", "1", "--replica-gpus", "0"]
-        process = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
+        log = tmp_path_factory.mktemp("serve") / "output.txt"  # a file: a full pipe would block the server
+        with log.open("w") as sink:
+            process = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ), stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        health = wait_for_health(url, process)
-        yield SimpleNamespace(url=url, health=health, process=process, serve=serve)
+        health = wait_for_health(url, process, log)
+        yield SimpleNamespace(url=url, health=health, process=process, log=log, serve=serve)
     finally:
         if process.poll() is None:
             process.kill()
@@ -130,13 +131,14 @@ def test_a_replica_takes_every_stream_its_scheduler_holds_or_queues():
 def test_sigterm_stops_serving_and_deletes_only_its_application(ray_server):  # last: it stops the server
     process = ray_server.process
     process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
+    process.wait(120)
+    output = ray_server.log.read_text()
     assert process.returncode == 0, output
     assert f"listening on {ray_server.url}" in output
     assert APP_NAME not in ray_server.serve.status().applications
 
 
-def test_bad_ray_arguments_are_refused_before_ray_starts(tmp_path):
+def test_bad_ray_arguments_are_refused_before_ray_starts():
     base = [sys.executable, "-m", "dac_fast", "serve", "--ray", "--model", "16khz", "--random-weights"]
     for extra, message in [(["--replicas", "0"], "--replicas must be at least 1"),
                            (["--replica-gpus", "-1"], "--replica-gpus at least 0"),

@@ -7,7 +7,7 @@ Ray is imported only when a deployment is built (``pip install 'dac-fast[serve-r
 from __future__ import annotations
 
 import signal
-import threading
+import time
 from typing import Any
 
 APP_NAME = "dac-fast"
@@ -70,18 +70,21 @@ def ray_application(model: Any, *, device: str | None = None, seed: int = 0, thr
 
 def serve_on_ray(args, scheduler_options: dict, app_options: dict) -> int:
     """``dac-fast serve --ray``: deploy on the Ray found from ``--ray [ADDRESS]``, print where the proxy listens,
-    serve until SIGINT/SIGTERM, then delete the application (and stop a Ray started here). A ``UserError`` when
-    no Ray answers at ADDRESS or the replicas cannot start."""
+    serve until SIGINT/SIGTERM (also during the deployment), then delete the application (and stop a Ray
+    started here). A ``UserError`` when no Ray answers at ADDRESS or the replicas cannot start."""
     from ..arguments import UserError
     from ..distributed.cluster import connect, default_gpus
     from ..io import require
 
     serve = require("ray.serve", "dac-fast serve --ray")
+    started = False
     try:
-        started = connect(args.ray or None, "dac-fast serve --ray")
-    except ConnectionError as exc:
-        raise UserError(str(exc), "ray") from None
-    try:
+        try:
+            started = connect(args.ray or None, "dac-fast serve --ray")
+        except ConnectionError as exc:
+            raise UserError(str(exc), "ray") from None
+        # SIGTERM stops it as Ctrl-C does; set after connecting, which installs Ray's own (aborting) handler
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         gpus = default_gpus() if args.replica_gpus is None else args.replica_gpus
         application = ray_application(
             args.model, device=args.device, seed=args.seed, threads=args.threads,
@@ -94,18 +97,13 @@ def serve_on_ray(args, scheduler_options: dict, app_options: dict) -> int:
             raise UserError(f"the Ray Serve deployment failed (its replicas' logs say more): {exc}") from None
         print(f"dac-fast serve: listening on http://{args.host}:{args.port} (Ray Serve: {args.replicas} "
               f"replica(s), {args.replica_cpus:g} CPU and {gpus:g} GPU each)", flush=True)
-        _wait_for_stop_signal()
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("dac-fast serve: stopping", flush=True)
     finally:
         _remove(serve, started)
     return 0
-
-
-def _wait_for_stop_signal() -> None:
-    stop = threading.Event()
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
 
 
 def _remove(serve, started: bool) -> None:
