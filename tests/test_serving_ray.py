@@ -1,6 +1,7 @@
-"""The serving app as a Ray Serve deployment (``dac_fast.serving.ray_serve``) on a local Ray: one replica behind
-Ray Serve's HTTP proxy on 127.0.0.1; a WebSocket decode stream through the proxy equals the offline decode of its
-codes, /healthz answers, and the app's own close codes (a missing token: 1008) reach the client."""
+"""The serving app as a Ray Serve deployment (``dac-fast serve --ray``, ``dac_fast.serving.ray_serve``) on a local
+2-CPU Ray: one replica behind Ray Serve's HTTP proxy on 127.0.0.1; WebSocket decode and encode streams through the
+proxy equal the offline decode / encode, /healthz answers, the app's own close codes (a missing token: 1008) reach
+the client, and SIGTERM deletes the application."""
 
 import asyncio
 import json
@@ -25,7 +26,8 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install
 
 from dac_fast import DacModel  # noqa: E402
 from dac_fast.serving import Client, ServerClosed  # noqa: E402
-from dac_fast.serving.ray_serve import APP_NAME, CONTROL_REQUESTS, most_ongoing_requests, ray_application  # noqa: E402
+from dac_fast.serving.ray_serve import APP_NAME, CONTROL_REQUESTS, most_ongoing_requests  # noqa: E402
+from tests.reference import synth_audio  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
@@ -85,7 +87,12 @@ def ray_server(tmp_path_factory):
         ray.shutdown()
 
 
-def test_decode_stream_through_the_ray_serve_proxy_is_exact(ray_server):
+@pytest.fixture(scope="module")
+def model():
+    return DacModel.from_preset("16khz", seed=SEED)  # the replica's model: same preset, same seed
+
+
+def test_decode_stream_through_the_ray_serve_proxy_is_exact(ray_server, model):
     url, health = ray_server.url, ray_server.health
     assert health["status"] == "ok" and health["sample_rate"] == 16000 and health["codebooks"] == 12
     rng = np.random.default_rng(11)
@@ -103,12 +110,27 @@ def test_decode_stream_through_the_ray_serve_proxy_is_exact(ray_server):
         return session.ready, np.concatenate(outs)
 
     ready, audio = asyncio.run(asyncio.wait_for(stream(), 120))
-    model = DacModel.from_preset("16khz", seed=SEED)  # the replica's model: same preset, same seed
     with torch.inference_mode():
         expected = model.decode(audio_codes=torch.from_numpy(codes)[None]).audio_values[0].numpy()
     assert ready["codebooks"] == 12 and ready["slot"] in (0, 1)
     assert audio.shape == expected.shape
     assert np.abs(audio - expected).max() <= ATOL
+
+
+def test_encode_stream_through_the_ray_serve_proxy_gives_the_offline_codes(ray_server, model):
+    clip = synth_audio(5 * 320 + 77, 16000, seed=9)
+    pushes = [0, 700, 1500, clip.shape[0]]  # uneven: codes come out as whole frames are covered
+
+    async def stream():
+        session = await Client(ray_server.url, token=TOKEN).encode_stream(sample_rate=16000)
+        parts = [await session.push(clip[a:b]) for a, b in zip(pushes, pushes[1:])]
+        parts.append(await session.end())
+        return np.concatenate(parts, axis=1)
+
+    codes = asyncio.run(asyncio.wait_for(stream(), 120))
+    with torch.inference_mode():
+        expected = model.encode(torch.from_numpy(clip)[None, None]).audio_codes[0].numpy()
+    assert np.array_equal(codes, expected)
 
 
 def test_the_apps_close_codes_pass_through_the_proxy(ray_server):
