@@ -50,7 +50,7 @@ os.umask(_UMASK)
 # ----------------------------------------------------------------------------------------------
 # optional dependencies
 # ----------------------------------------------------------------------------------------------
-# module -> (pip package, how to install it). The model, ops and feature extractor need only torch and
+# module (or top-level package) -> (pip package, how to install it). The model, ops and feature extractor need only torch and
 # numpy; the file pipeline's libraries are default dependencies of dac-fast, Ray's are the [ray] extra.
 _OPTIONAL = {
     "soundfile": ("soundfile", "pip install soundfile (a default dependency: `pip install dac-fast` installs it)"),
@@ -59,6 +59,7 @@ _OPTIONAL = {
     "scipy": ("scipy", "pip install scipy (pyloudnorm's dependency: `pip install dac-fast` installs it)"),
     "ray": ("ray[data]", "pip install 'dac-fast[ray]'"),
     "pyarrow": ("pyarrow", "pip install 'dac-fast[ray]'"),
+    "ray.serve": ("ray[serve]", "pip install 'dac-fast[serve-ray]'"),
     **{name: (name, "pip install 'dac-fast[serve]'") for name in ("uvicorn", "starlette", "websockets")},
     "prometheus_client": ("prometheus-client", "pip install 'dac-fast[serve]'"),
 }
@@ -78,7 +79,7 @@ def require(module: str, purpose: str):
     except (ImportError, OSError) as exc:  # OSError: soundfile raises it when libsndfile itself is missing
         cause = exc
     top = module.split(".")[0]
-    package, install = _OPTIONAL.get(top, (top, f"pip install {top}"))
+    package, install = _OPTIONAL.get(module) or _OPTIONAL.get(top, (top, f"pip install {top}"))
     raise MissingDependencyError(
         f"{purpose} needs the {package!r} package, which cannot be imported ({type(cause).__name__}: {cause}). "
         f"Install it with: {install}", name=top) from cause

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dac_fast import DacConfig
 from dac_fast.tiles import decoded_length
 
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 
 import dac_fast
+import dac_fast.distributed.cluster, dac_fast.serving, dac_fast.serving.command, dac_fast.serving.ray_serve
 from dac_fast import DacConfig, DacFeatureExtractor, DacModel, ops
 from dac_fast import io as aio
 
@@ -97,17 +100,18 @@ def test_model_ops_and_feature_extractor_need_only_torch_and_numpy(tmp_path):
         assert install in message, message
 
 
-def test_ray_engine_names_its_extra(monkeypatch):
+@pytest.mark.parametrize("module,blocked,package,extra", [
+    ("pyarrow.parquet", ("pyarrow", "pyarrow.parquet"), "pyarrow", "ray"),
+    ("ray.serve", ("ray.serve",), "ray[serve]", "serve-ray"),
+], ids=["ray-engine", "ray-serve"])
+def test_optional_engines_name_their_extra(monkeypatch, module, blocked, package, extra):
     from dac_fast import io as aio
 
-    for name in ("pyarrow", "pyarrow.parquet"):  # None in sys.modules: importing it raises ImportError
+    for name in blocked:  # None in sys.modules: importing it raises ImportError
         monkeypatch.setitem(sys.modules, name, None)
-    try:
-        aio.require("pyarrow.parquet", "the Ray engine's Parquet shards")
-    except aio.MissingDependencyError as exc:
-        message = str(exc)
-    else:
-        raise AssertionError("no error for a missing pyarrow")
-    assert "needs the 'pyarrow' package" in message
-    assert "pip install 'dac-fast[ray]'" in message
-    assert isinstance(aio.MissingDependencyError("x"), ImportError)
+    with pytest.raises(aio.MissingDependencyError) as caught:
+        aio.require(module, "the feature")
+    message = str(caught.value)
+    assert f"the feature needs the {package!r} package" in message
+    assert f"pip install 'dac-fast[{extra}]'" in message
+    assert isinstance(caught.value, ImportError)

@@ -6,7 +6,8 @@ the public names below are loaded on first use.
 
 Modules: ``schema`` (output layout, the one shard schema, manifest/errors tables, reading
 results), ``stages`` (read tasks, encoder actors, write tasks), ``driver`` (:func:`encode_dataset`:
-the pipeline, the stall watchdog, the summary), ``command`` (``dac-fast encode --ray``).
+the pipeline, the stall watchdog, the summary), ``cluster`` (joining Ray, shared with
+``dac-fast serve --ray``), ``command`` (``dac-fast encode --ray``).
 
 Pipeline (one Ray Data dataset, streamed)::
 
@@ -51,7 +52,7 @@ DEFAULT_STALL_TIMEOUT = 1800.0  # seconds without a completed block before the d
 _EXPORTS = {
     "encode_dataset": "driver",
     "EncodeStopped": "driver",
-    "worker_runtime_env": "driver",
+    "worker_runtime_env": "cluster",
     "add_ray_arguments": "command",
     "run_from_cli": "command",
     "read_codes": "schema",

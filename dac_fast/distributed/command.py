@@ -6,19 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from .. import io as aio
 from . import DEFAULT_STALL_TIMEOUT
-
+from .cluster import add_address_argument
 
 
 def add_ray_arguments(parser) -> None:
     """Add ``--ray [ADDRESS]`` and the Ray options to the ``dac-fast encode`` parser."""
     g = parser.add_argument_group("distributed encoding on Ray (pip install .[ray])")
-    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="encode with Ray Data. No ADDRESS: Ray's default (RAY_ADDRESS, else the cluster "
-                        "this node joined with `ray start`, else a new local Ray); 'auto': require a running "
-                        "cluster; 'local': always a new local Ray; or ray://HOST:10001. Output: Parquet "
-                        "shards + manifest + errors table under OUTDIR (--format dac also writes .dac files)")
+    add_address_argument(g, "encode with Ray Data", "Output: Parquet shards + manifest + errors table under "
+                         "OUTDIR (--format dac also writes .dac files)")
     g.add_argument("--ray-workers", type=int, default=1, metavar="N", help="encoder actors (default: %(default)s)")
     g.add_argument("--ray-gpus-per-worker", type=float, default=None, metavar="G",
                    help="GPUs per encoder actor (default: 1 if the cluster has GPUs, else 0 = CPU actors)")
@@ -38,9 +34,8 @@ def run_from_cli(args) -> int:
     shards. ``--overwrite`` is refused (use a new OUTDIR). Ctrl-C propagates as KeyboardInterrupt
     after manifest.parquet and errors.parquet are written.
     """
-    ray = aio.require("ray", "the Ray engine (--ray)")
-
-    from .driver import EncodeStopped, encode_dataset, worker_runtime_env
+    from .cluster import connect, default_gpus
+    from .driver import EncodeStopped, encode_dataset
     from .schema import ERRORS, MANIFEST, SHARDS_DIR
 
     if getattr(args, "overwrite", False):
@@ -55,21 +50,15 @@ def run_from_cli(args) -> int:
     if not stall_timeout > 0:
         print(f"dac-fast: --ray-stall-timeout must be > 0 seconds, got {stall_timeout:g}", file=sys.stderr)
         return 2
-    address = args.ray or None
-    started = False
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address, runtime_env=worker_runtime_env(None, local=address in (None, "local")),
-                     include_dashboard=False, log_to_driver=False)
-        except ConnectionError as exc:
-            print(f"dac-fast: cannot connect to Ray at {args.ray!r} ({exc}); start a cluster with `ray start "
-                  "--head` or use --ray local", file=sys.stderr)
-            return 2
-        started = True
+    try:
+        started = connect(args.ray or None, "the Ray engine (--ray)")
+    except ConnectionError as exc:
+        print(f"dac-fast: {exc}", file=sys.stderr)
+        return 2
     try:
         gpus = args.ray_gpus_per_worker
         if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+            gpus = default_gpus()
         report = encode_dataset(
             args.inputs, args.output_dir, args.model, batch_size=args.batch_size, num_gpus_per_worker=gpus,
             concurrency=args.ray_workers, num_cpus_per_worker=args.ray_cpus_per_worker,
@@ -85,6 +74,8 @@ def run_from_cli(args) -> int:
         return 1
     finally:
         if started:
+            import ray
+
             ray.shutdown()
     print(report.summary(), file=sys.stderr)
     print(f"codes: {Path(args.output_dir) / SHARDS_DIR}/part-*.parquet; manifest: {MANIFEST}; errors: {ERRORS}",

@@ -20,6 +20,7 @@ from ..job_model import load_model, model_config, model_rate_and_hop, n_codebook
 from ..planning import AUDIO_EXTENSIONS, encoded_output, expand_inputs, output_collisions, refuse_outputs_onto_inputs
 from ..runner import Failure, Report
 from . import DEFAULT_STALL_TIMEOUT
+from .cluster import worker_runtime_env
 from .schema import DAC_DIR, RUN_INFO, SHARDS_DIR, completed, read_errors, shard_files, write_summary
 from .stages import AttemptLedger, Encoder, Reader, Writer
 
@@ -33,32 +34,6 @@ class EncodeStopped(RuntimeError):
 
 class _Stalled(Exception):
     pass
-
-
-def worker_runtime_env(runtime_env: dict | None = None, local: bool = True) -> dict:
-    """A runtime_env that lets Ray workers import dac_fast.
-
-    If dac_fast is installed as a distribution (``pip install .[ray]`` on every node) nothing is
-    added. Otherwise a local Ray gets ``PYTHONPATH`` pointing at this checkout and a remote
-    cluster gets ``py_modules=[dac_fast]`` (the package is uploaded; its compiled extension
-    must match the workers' platform).
-    """
-    env = dict(runtime_env or {})
-    try:
-        from importlib.metadata import distribution
-
-        distribution("dac_fast")
-        return env
-    except Exception:
-        pass
-    pkg = Path(__file__).resolve().parents[1]  # the dac_fast package
-    if local:
-        ev = dict(env.get("env_vars", {}))
-        ev["PYTHONPATH"] = os.pathsep.join(p for p in (str(pkg.parent), os.environ.get("PYTHONPATH", "")) if p)
-        env["env_vars"] = ev
-    else:
-        env.setdefault("py_modules", [str(pkg)])
-    return env
 
 
 def encode_dataset(

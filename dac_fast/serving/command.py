@@ -10,6 +10,7 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_serve_parser(sub) -> None:
+    from ..distributed.cluster import add_address_argument
     from ..job_model import PRESET_NAMES
 
     p = sub.add_parser(
@@ -43,32 +44,53 @@ def add_serve_parser(sub) -> None:
                    help="run each stream's push as its own model call (a baseline for benchmarks)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA: steady decode ticks replay a graph recorded per slot count in use")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (per replica with --ray)")
+    g = p.add_argument_group("Ray Serve: replicas across a cluster (pip install '.[serve-ray]')")
+    add_address_argument(g, "serve as a Ray Serve deployment: each replica loads the model and runs its own slots; "
+                            "Ray Serve's proxy listens on --host/--port on every node")
+    g.add_argument("--replicas", type=int, default=1, metavar="N", help="replicas (default: 1)")
+    g.add_argument("--replica-cpus", type=float, default=1.0, metavar="C", help="CPUs per replica (default: 1)")
+    g.add_argument("--replica-gpus", type=float, default=None, metavar="G",
+                   help="GPUs per replica, fractions allowed (default: 1 if the cluster has GPUs, else 0)")
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
     print(f"dac-fast serve: {message}", file=sys.stderr)
     return 2
 
 
 def run_serve(args: argparse.Namespace) -> int:
     if args.host not in LOCAL_HOSTS and not args.token and not args.insecure:
-        return _fail(f"--host {args.host} is reachable from other machines: pass --token TOKEN (clients send "
-                     "'Authorization: Bearer TOKEN') or --insecure to serve without one")
+        return fail(f"--host {args.host} is reachable from other machines: pass --token TOKEN (clients send "
+                    "'Authorization: Bearer TOKEN') or --insecure to serve without one")
     for name in ("slots", "encode_slots"):
         if getattr(args, name) < 1:
-            return _fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            return fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if (args.queue < 0 or min(args.max_message_bytes, args.outbox) < 1 or min(args.max_stream_seconds,
                                                                              args.send_timeout) <= 0
             or not 0 <= args.port < 65536):
-        return _fail("--queue must be >= 0, --max-message-bytes, --outbox, --max-stream-seconds and "
-                     "--send-timeout positive, --port in [0, 65535]")
+        return fail("--queue must be >= 0, --max-message-bytes, --outbox, --max-stream-seconds and "
+                    "--send-timeout positive, --port in [0, 65535]")
     from ..arguments import UserError
     from ..job_model import PRESET_NAMES, load_model
     from ..io import require
 
     if args.model in PRESET_NAMES and not args.random_weights:
-        return _fail(f"--model {args.model} is a preset with RANDOM weights: add --random-weights to use it")
+        return fail(f"--model {args.model} is a preset with RANDOM weights: add --random-weights to use it")
+    scheduler_options = dict(decode_slots=args.slots, encode_slots=args.encode_slots, waiting=args.queue,
+                             batch_streams=args.slot_batching, cuda_graphs=args.cuda_graphs)
+    app_options = dict(token=args.token, max_message_bytes=args.max_message_bytes,
+                       max_stream_seconds=args.max_stream_seconds, outbox=args.outbox, send_timeout=args.send_timeout)
+    if args.ray is not None:
+        if args.replicas < 1 or args.replica_cpus < 0 or (args.replica_gpus or 0) < 0 or args.port == 0:
+            return fail("with --ray, --replicas must be at least 1, --replica-cpus and --replica-gpus at least 0, "
+                        "and --port a fixed port (Ray Serve's proxy binds it on every node)")
+        from .ray_serve import serve_on_ray
+
+        try:
+            return serve_on_ray(args, scheduler_options, app_options)
+        except UserError as exc:
+            return fail(exc.for_cli())
     uvicorn = require("uvicorn", "dac-fast serve")
     import torch
 
@@ -80,12 +102,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         model = load_model(args.model, args.device, seed=args.seed, quiet=True)
     except UserError as exc:
-        return _fail(exc.for_cli())
-    scheduler = Scheduler(model, decode_slots=args.slots, encode_slots=args.encode_slots, waiting=args.queue,
-                          batch_streams=args.slot_batching, cuda_graphs=args.cuda_graphs)
-    app = create_app(scheduler, token=args.token, max_message_bytes=args.max_message_bytes,
-                     max_stream_seconds=args.max_stream_seconds, outbox=args.outbox,
-                     send_timeout=args.send_timeout)
+        return fail(exc.for_cli())
+    app = create_app(Scheduler(model, **scheduler_options), **app_options)
 
     class DrainingServer(uvicorn.Server):
         """SIGTERM/SIGINT: stop accepting, let every stream finish its push in flight and close it with 1001,
