@@ -38,9 +38,7 @@ class JobModel:
         self.spec, self.seed, self.quiet, self.model = spec, seed, quiet, None
 
     def _resolve_deferred(self) -> None:
-        spec = self.spec
-        if callable(spec) and not is_model(spec) and not isinstance(spec, (str, os.PathLike)):
-            self.spec = spec()  # a zero-argument loader: called only once the arguments are known good
+        self.spec = _called(self.spec)  # a deferred loader runs only once the arguments are known good
 
     def setup(self, task: str, **settings) -> dict:
         """Everything that changes what a run writes, for the output records (``dac_fast.resume``)."""
@@ -53,7 +51,9 @@ class JobModel:
     def load(self) -> "JobModel":
         if self.model is None:
             self._resolve_deferred()
-            model = self.model = load_model(self.spec, self.device_arg, self.dtype_arg, seed=self.seed, quiet=self.quiet)
+            # the spec was checked by the constructor
+            model = self.model = _build(self.spec, self.device_arg, self.dtype_arg, self.seed, self.quiet,
+                                        spec_checked=True)
             self.device, self.dtype = model_device_dtype(model)
             self.sample_rate, self.hop = model_rate_and_hop(model)
             self.n_codebooks = n_codebooks_of(model.config)
@@ -85,16 +85,21 @@ def load_model(spec: Any, device: str | None = None, dtype: Any = None, *, seed:
     a warning says so unless ``quiet``); anything else is treated as a hub id (``from_pretrained``).
     Raises :class:`UserError` (argument ``model``/``device``/``dtype``) when the spec cannot be used.
     """
-    dev = check_device(device)
-    dt = parse_dtype(dtype)
+    return _build(_called(spec), check_device(device), parse_dtype(dtype), seed, quiet, spec_checked=False)
+
+
+def _called(spec: Any) -> Any:
+    """``spec()`` for a zero-argument loader (the model is built only when there is work to do), else ``spec``."""
     if callable(spec) and not is_model(spec) and not isinstance(spec, (str, os.PathLike)):
-        spec = spec()  # a zero-argument loader: the model is built only when there is work to do
-    if is_model(spec):
-        model = spec
-    else:
-        model = _load_from_spec(str(spec), seed, quiet)
-    if dev is not None or dt is not None:
-        model = model.to(device=dev, dtype=dt)
+        return spec()
+    return spec
+
+
+def _build(spec: Any, device, dtype, seed: int, quiet: bool, spec_checked: bool):
+    """The model of ``spec`` (a model or a spec string) on ``device``/``dtype`` (parsed), in eval mode."""
+    model = spec if is_model(spec) else _load_from_spec(str(spec), seed, quiet, spec_checked)
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
     model.eval()
     return model
 
@@ -150,8 +155,9 @@ def _check_readable(path: Path) -> None:
         raise UserError(f"cannot read {path}: {problem}", "model")
 
 
-def _load_from_spec(spec: str, seed: int, quiet: bool):
-    check_model_spec(spec)
+def _load_from_spec(spec: str, seed: int, quiet: bool, spec_checked: bool):
+    if not spec_checked:  # a directory's check lists and opens its files: once per run is enough
+        check_model_spec(spec)
     DacModel = _dac_model_class()
     p = Path(spec).expanduser()
     if spec in PRESET_NAMES:

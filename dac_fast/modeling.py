@@ -446,10 +446,11 @@ class DacModel(DacPreTrainedModel):
         if isinstance(n_quantizers, torch.Tensor) and n_quantizers.numel() == 1:
             queued_n_quantizers = checks.value(n_quantizers, int)  # its value is read with the other checks
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        graphs = tile_graphs(self, "encoder", input_values, cuda_graphs, _inference(input_values, self.encoder))
+        inference = _inference(input_values, self.encoder)
+        graphs = tile_graphs(self, "encoder", input_values, cuda_graphs, inference)
         lengths = audio_frames = None
         if padding_mask is not None:
-            lengths = check_padding_mask(padding_mask, input_values, checks, _inference(input_values, self.encoder))
+            lengths = check_padding_mask(padding_mask, input_values, checks, inference)
         checks.run()
         n_quantizers = check_n_quantizers(n_quantizers if queued_n_quantizers is None else queued_n_quantizers[0],
                                           self.config.n_codebooks)
@@ -518,10 +519,11 @@ class DacModel(DacPreTrainedModel):
             else:
                 check_latent(quantized_representation, self.config.hidden_size)
                 source = quantized_representation
-            graphs = tile_graphs(self, "decoder", source, cuda_graphs, _inference(source, self.decoder))
+            inference = _inference(source, self.decoder)
+            graphs = tile_graphs(self, "decoder", source, cuda_graphs, inference)
             lengths = None
             if audio_frames is not None:
-                lengths = check_audio_frames(audio_frames, source, checks, _inference(source, self.decoder))
+                lengths = check_audio_frames(audio_frames, source, checks, inference)
             checks.run()
             if audio_codes is not None:
                 quantized_representation = self.quantizer.from_codes(audio_codes)[0]

@@ -146,7 +146,9 @@ class OutputLog:
                         self.claims.pop(rec["unclaim"], None)
         except FileNotFoundError:
             return
-        if lines > len(self.records) + len(self.setups) + len(self.claims):
+        # every output leaves a claim line and its record: rewrite the file only once dead lines (spent claims,
+        # superseded records) outnumber live ones, not at every run that wrote something
+        if lines > 2 * (len(self.records) + len(self.setups) + len(self.claims)):
             self._compact()
 
     def _compact(self):

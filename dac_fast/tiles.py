@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .checks import check_tile_frames
 from .configuration import DacConfig
 
 
@@ -125,8 +126,6 @@ DEFAULT_TILE_FRAMES = {("cpu", "encoder"): 384, ("cpu", "decoder"): 384,
 def tile_frames_for(network: str, inputs: torch.Tensor, requested: int | None, default: int | None) -> int:
     """Item-frames per tile for ``network`` ("encoder" or "decoder"): the call's ``requested`` value, else the
     model's ``default`` attribute, else ``DEFAULT_TILE_FRAMES`` for the inputs' device."""
-    from .checks import check_tile_frames
-
     tile = default if requested is None else requested
     if tile is None:
         tile = DEFAULT_TILE_FRAMES[("cuda" if inputs.is_cuda else "cpu", network)]

@@ -208,8 +208,7 @@ def _prepare_output(output: Path, model, seed, dtype, n_quantizers, normalize_db
     output.mkdir(parents=True, exist_ok=True)
     (output / SHARDS_DIR).mkdir(exist_ok=True)
     sr, hop, n_cb, spec, holder = _model_info(model, seed, dtype)
-    if n_quantizers is not None:
-        check_n_quantizers(n_quantizers, n_codebooks_of(holder.config))
+    check_n_quantizers(n_quantizers, n_cb)
     info = {"model_sample_rate": sr, "hop_length": hop, "n_codebooks": n_cb, "n_quantizers": n_quantizers,
             "normalize_db": normalize_db, "model": spec if isinstance(spec, str) else type(spec).__name__}
     info_path = output / RUN_INFO
