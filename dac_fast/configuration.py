@@ -8,7 +8,8 @@ import math
 import os
 from typing import Any
 
-from .hub import CONFIG_NAME
+from .hub import CONFIG_NAME, HUB_KWARGS, push_saved, resolve_directory
+from .hub import save_directory as directory_for
 
 # Keys transformers writes into config.json that describe nothing we need (or are stale, like
 # the hop_length of 512 some hub files carry for 16/24 kHz models): read and ignored.
@@ -166,37 +167,31 @@ class DacConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """Write ``config.json``; ``push_to_hub=True`` then uploads the directory (huggingface_hub)."""
-        from .hub import save_directory as directory_for
-
         with directory_for(save_directory, push_to_hub, kwargs) as directory:
             self.to_json_file(os.path.join(directory, CONFIG_NAME))
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload ``config.json`` to the hub repo ``repo_id`` (needs huggingface_hub)."""
-        from .hub import push_saved
-
         return push_saved(self, repo_id, **kwargs)
 
     @classmethod
-    def from_json_file(cls, json_file: str | os.PathLike) -> "DacConfig":
+    def from_json_file(cls, json_file: str | os.PathLike, **kwargs) -> "DacConfig":
+        """The config in ``json_file``; ``kwargs`` override its fields."""
         with open(json_file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            return cls.from_dict(json.load(f), **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DacConfig":
         """Read ``config.json`` from a directory, a hub id or the file itself. ``subfolder`` and the hub arguments
         (``revision``, ``cache_dir``, ``local_files_only``, ``force_download``, ``token``) as in transformers;
         other keyword arguments override fields."""
-        from .hub import HUB_KWARGS, resolve_directory
-
         path = os.fspath(pretrained_model_name_or_path)
         hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
         if not os.path.isfile(path):
             path = os.path.join(resolve_directory(path, **hub_kwargs), CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r}")
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), **kwargs)
+        return cls.from_json_file(path, **kwargs)
 
     @classmethod
     def from_preset(cls, name: str) -> "DacConfig":

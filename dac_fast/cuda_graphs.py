@@ -223,9 +223,10 @@ class StepGraphs:
         return tuple(sorted((name, tuple(t.shape)) for name, t in layers.context.items()))
 
     def step(self, decoder: nn.Module, latent: torch.Tensor, layers) -> torch.Tensor:
+        if layers.starts is not None or layers.final or not layers.context or any(layers.to_crop.values()):
+            return decoder.inference(latent, layers)  # not a steady step: eager, without walking the weights
         weights = tensors_key(list(decoder.parameters()))
-        if (weights is None or layers.starts is not None or layers.final or not layers.context
-                or any(layers.to_crop.values())):
+        if weights is None:
             return decoder.inference(latent, layers)
         key = (tuple(latent.shape), latent.dtype, self._shapes(layers), weights, kernel_settings())
         captured = self.steps.get(key)

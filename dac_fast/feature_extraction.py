@@ -187,7 +187,10 @@ class DacFeatureExtractor:
         out = {}
         if padding != "do_not_pad":
             out["padding_mask"] = padded["attention_mask"]
-        out["input_values"] = [values[None, :] for values in padded["input_values"]]
+        values = padded["input_values"]
+        # one (B, 1, T) view of the padded batch for tensors (no second stack), a list of (1, T) clips otherwise
+        out["input_values"] = (values[:, None, :] if return_tensors and getattr(values, "dtype", object) != object
+                               else [clip[None, :] for clip in values])
         return BatchFeature(out, tensor_type=return_tensors)
 
     @staticmethod

@@ -63,12 +63,6 @@ class BatchFeature(UserDict):
         except KeyError:
             raise AttributeError(f"BatchFeature has no input {item!r}") from None
 
-    def __getstate__(self):
-        return {"data": self.data}
-
-    def __setstate__(self, state):
-        self.data = state.get("data", {})
-
     def convert_to_tensors(self, tensor_type=None) -> "BatchFeature":
         """Turn every array-like value into a torch tensor ("pt") or numpy array ("np"); None leaves them."""
         tensor_type = _check_tensor_type(tensor_type)

@@ -15,7 +15,9 @@ import torch
 import torch.nn as nn
 
 from .configuration import CONFIG_NAME, TRANSFORMERS_FIELDS, DacConfig
+from .feature_extraction import DacFeatureExtractor
 from .hub import SAFETENSORS_NAME, TORCH_WEIGHTS_NAME, check_hub_kwargs, resolve_directory
+from .hub import save_directory as directory_for
 from .io import give_normal_permissions
 
 
@@ -320,9 +322,6 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
 def save_pretrained(model, save_directory, push_to_hub: bool = False, state_dict=None, **hub_kwargs) -> list[str]:
     """Write the three files (config, weights, preprocessor config); returns their paths."""
     from safetensors.torch import save_file
-
-    from .feature_extraction import DacFeatureExtractor
-    from .hub import save_directory as directory_for
 
     with directory_for(save_directory, push_to_hub, hub_kwargs) as directory:
         model.config.save_pretrained(directory)

@@ -40,6 +40,7 @@ from .convolution import (
 )
 from .outputs import DacDecoderOutput, DacEncoderOutput, DacOutput
 from .pretrained import DacPreTrainedModel, run_block
+from .streaming import StreamingDecoder, StreamingEncoder
 from .tiles import decoded_length, decoder_halo_frames, encoded_frames, encoder_halo_frames, run_tiled, tile_frames_for
 from .weight_cache import derived_from
 
@@ -557,15 +558,11 @@ class DacModel(DacPreTrainedModel):
         frame before all its samples are returned. ``cuda_graphs=True`` (model on CUDA): steady-state pushes
         of a repeated size replay a CUDA graph of the decoder step (``cuda_graphs.StepGraphs``); the audio
         equals the eager stream's."""
-        from .streaming import StreamingDecoder
-
         return StreamingDecoder(self, batch_size, cuda_graphs)
 
     def streaming_encoder(self, batch_size: int = 1, n_quantizers: int | None = None):
         """A ``dac_fast.streaming.StreamingEncoder``: ``push(audio (B, 1, s))`` returns the codes of the frames
         now final, ``flush()`` the rest; together identical to ``encode(whole).audio_codes``."""
-        from .streaming import StreamingEncoder
-
         return StreamingEncoder(self, batch_size, n_quantizers)
 
     # ------------------------------------------------------------------ forward
