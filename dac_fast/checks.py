@@ -164,3 +164,15 @@ def check_tile_frames(tile_frames) -> int:
     if isinstance(tile_frames, bool) or not isinstance(tile_frames, int) or tile_frames < 1:
         raise ValueError(f"tile_frames must be a positive number of frames, got {tile_frames!r}")
     return tile_frames
+
+
+def check_stream_samples(audio: torch.Tensor, name: str = "audio") -> torch.Tensor:
+    """Samples pushed to an encode stream (any shape): floating point, at least one, finite."""
+    if not audio.is_floating_point():
+        raise TypeError(f"{name} must be floating point in [-1, 1], got dtype {audio.dtype}")
+    if audio.shape[-1] == 0:
+        raise ValueError(f"{name} is empty: push at least one sample")
+    if not torch.isfinite(audio).all():
+        raise ValueError(f"{name} contains NaN or Inf samples")
+    return audio
+

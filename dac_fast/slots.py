@@ -25,9 +25,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checks import check_codes
+from .checks import check_codes, check_stream_samples
 from .modeling import DacModel
-from .streaming import LayerStreams, StreamingDecoder, StreamingEncoder, _check_batch_size, _check_streams
+from .streaming import (
+    LayerStreams,
+    StreamingDecoder,
+    StreamingEncoder,
+    _check_batch_size,
+    _check_streams,
+    encode_step,
+)
 from .tiles import encoded_frames
 
 
@@ -157,8 +164,11 @@ class SlotDecoder(_Slots):
         ``active``: a bool mask (slots,) or indices of the slots to advance (default: every slot given codes).
         Returns a list with, per slot, the samples (k,) now final (k >= 0), or None for slots not advanced."""
         rows = self._rows(audio_codes, "audio_codes", 2)
-        chosen = self._active(active, rows)
-        work = {slot: (self._states[slot], self.check_input(slot, rows[slot])) for slot in chosen}
+        return self.push_checked({slot: self.check_input(slot, rows[slot]) for slot in self._active(active, rows)})
+
+    def push_checked(self, inputs: dict) -> list:
+        """``push`` of inputs already validated by ``check_input``: slot -> codes (1, n, f)."""
+        work = {slot: (self._states[slot], codes) for slot, codes in inputs.items()}
 
         def step(codes, layers):
             latent = self.model.quantizer.from_codes(codes)[0]
@@ -205,10 +215,7 @@ class SlotEncoder(_Slots):
         self.lookahead_samples = one.lookahead_samples
 
     def _step(self, audio, layers):
-        latent = self.model.encoder.inference(audio, layers)
-        if latent.shape[-1] == 0:
-            return torch.zeros(audio.shape[0], self.n_quantizers, 0, dtype=torch.long, device=audio.device)
-        return self.model.quantizer.encode_frames(latent, self.n_quantizers)[0]
+        return encode_step(self.model, audio, layers, self.n_quantizers)
 
     def check_input(self, slot: int, audio) -> torch.Tensor:
         """One slot's samples (s,) validated -> (1, 1, s) in the model's dtype and device. Raises
@@ -216,12 +223,10 @@ class SlotEncoder(_Slots):
         if not isinstance(audio, torch.Tensor) or audio.dim() != 1:
             shape = tuple(audio.shape) if isinstance(audio, torch.Tensor) else type(audio).__name__
             raise ValueError(f"slot {slot}: audio must be a tensor of shape (samples,), got {shape}")
-        if not audio.is_floating_point():
-            raise TypeError(f"slot {slot}: audio must be floating point in [-1, 1], got dtype {audio.dtype}")
-        if audio.numel() == 0:
-            raise ValueError(f"slot {slot}: audio is empty: push at least one sample")
-        if not torch.isfinite(audio).all():
-            raise ValueError(f"slot {slot}: audio contains NaN or Inf samples")
+        try:
+            check_stream_samples(audio)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"slot {slot}: {exc}") from None
         return audio.to(device=self.model.device, dtype=self.model.dtype).view(1, 1, -1)
 
     def push(self, audio, active=None) -> list:
@@ -233,8 +238,11 @@ class SlotEncoder(_Slots):
                 raise ValueError(f"audio as a tensor must have shape (slots, 1, samples), got {tuple(audio.shape)}")
             audio = audio[:, 0]
         rows = self._rows(audio, "audio", 1)
-        chosen = self._active(active, rows)
-        work = {slot: (self._states[slot], self.check_input(slot, rows[slot])) for slot in chosen}
+        return self.push_checked({slot: self.check_input(slot, rows[slot]) for slot in self._active(active, rows)})
+
+    def push_checked(self, inputs: dict) -> list:
+        """``push`` of inputs already validated by ``check_input``: slot -> audio (1, 1, s)."""
+        work = {slot: (self._states[slot], audio) for slot, audio in inputs.items()}
         with torch.inference_mode(), self.model._backend_scope():
             results = self._run(work, self._step)
         return self._finish(results, {s: x.shape[-1] for s, (_, x) in work.items()})

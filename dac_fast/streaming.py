@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .checks import check_codes, check_n_quantizers
+from .checks import check_codes, check_n_quantizers, check_stream_samples
 from .convolution import conv_arithmetic, conv_transpose_polyphase, zero_outside
 from .tiles import decoder_reach, encoded_frames, encoder_reach
 from .cuda_graphs import StepGraphs, capture_cuda_graph
@@ -256,6 +256,15 @@ class StreamingDecoder:
         return audio
 
 
+def encode_step(model, audio: torch.Tensor, layers: LayerStreams, n_quantizers: int) -> torch.Tensor:
+    """One step of encode streams: samples (B, 1, s) through ``layers`` -> codes (B, n_quantizers, f) of the frames
+    now final (f >= 0). Shared by ``StreamingEncoder`` and ``slots.SlotEncoder``."""
+    latent = model.encoder.inference(audio, layers)
+    if latent.shape[-1] == 0:
+        return torch.zeros(audio.shape[0], n_quantizers, 0, dtype=torch.long, device=audio.device)
+    return model.quantizer.encode_frames(latent, n_quantizers)[0]
+
+
 class StreamingEncoder:
     """Encode ``batch_size`` audio streams as their samples arrive; see ``DacModel.streaming_encoder``."""
 
@@ -316,13 +325,7 @@ class StreamingEncoder:
             raise ValueError(f"audio must be a tensor of shape (batch, 1, samples), got {shape}")
         if audio.shape[0] != self.batch_size:
             raise ValueError(f"audio has {audio.shape[0]} streams; this encoder has {self.batch_size}")
-        if not audio.is_floating_point():
-            raise TypeError(f"audio must be floating point in [-1, 1], got dtype {audio.dtype}")
-        if audio.shape[-1] == 0:
-            raise ValueError("audio is empty: push at least one sample")
-        if not torch.isfinite(audio).all():
-            raise ValueError("audio contains NaN or Inf samples")
-        return audio.to(device=self.model.device, dtype=self.model.dtype)
+        return check_stream_samples(audio).to(device=self.model.device, dtype=self.model.dtype)
 
     def push(self, audio: torch.Tensor) -> torch.Tensor:
         """Samples (B, 1, s), s >= 1 -> codes (B, n, f) of the frames now final, f >= 0."""
@@ -348,10 +351,7 @@ class StreamingEncoder:
 
     def _run(self, audio: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self.model._backend_scope():
-            latent = self.model.encoder.inference(audio, self._layers)
-            if latent.shape[-1] == 0:
-                return torch.zeros(self.batch_size, self.n_quantizers, 0, dtype=torch.long, device=audio.device)
-            codes = self.model.quantizer.encode_frames(latent, self.n_quantizers)[0]
+            codes = encode_step(self.model, audio, self._layers, self.n_quantizers)
         first, self.emitted = self.emitted, self.emitted + codes.shape[-1]
         if self._layers.starts is None:
             return codes

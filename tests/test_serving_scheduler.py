@@ -91,3 +91,31 @@ def test_bounds_failures_and_offline_batches(model):
     assert (out - expected[1]).abs().max().item() <= ATOL
     for audio, exp in zip(offline, expected):
         assert audio.shape == exp.shape and (audio - exp).abs().max().item() <= ATOL
+
+
+def test_one_streams_bad_push_fails_only_that_push(model):
+    # a codebook count that changes between two queued pushes, or NaN audio in a whole-file request, is refused
+    # when queued: the other streams' pushes and requests of that tick go on
+    gen = torch.Generator().manual_seed(3)
+    good = torch.randint(0, 1024, (12, 6), generator=gen)
+    clip = torch.from_numpy(synth_audio(13 * model.config.hop_length, 16000, seed=4))
+
+    async def main(scheduler):
+        bad_stream = await scheduler.open_decode_stream()
+        good_stream = await scheduler.open_decode_stream()
+        first = asyncio.ensure_future(bad_stream.push(good[:, :2]))
+        await asyncio.sleep(0)  # queued, not yet run by the scheduler's tick
+        with pytest.raises(ValueError, match="codes have 5 codebooks; its earlier pushes had 12"):
+            await bad_stream.push(good[:5, 2:4])
+        outs = [await good_stream.push(good[:, :3]), await good_stream.push(good[:, 3:]), await good_stream.finish()]
+        await first
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            await scheduler.encode(torch.full((800,), float("nan")))
+        return torch.cat(outs), await scheduler.encode(clip)
+
+    with Scheduler(model, decode_slots=2, encode_slots=1) as scheduler:
+        audio, codes = asyncio.run(main(scheduler))
+    with torch.inference_mode():
+        expected = model.decode(audio_codes=good[None]).audio_values[0]
+        assert (audio - expected).abs().max().item() <= ATOL
+        assert torch.equal(codes, model.encode(clip[None, None]).audio_codes[0])

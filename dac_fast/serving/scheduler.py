@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ..checks import check_codes
+from ..checks import check_codes, check_stream_samples
 from ..modeling import DacModel
 from ..tiles import decoded_length
 from ..slots import SlotDecoder, SlotEncoder
@@ -63,6 +63,7 @@ class Stream:
         self.closed = False
         self.error: str | None = None
         self.pushes = 0
+        self.n_codebooks: int | None = None  # a decode stream's codebook count, fixed by its first push
         self.latencies: collections.deque = collections.deque(maxlen=1024)  # seconds from queued to answered
 
     def _submit(self, op: str, value):
@@ -78,7 +79,14 @@ class Stream:
         if self.closed:
             raise StreamClosed(self.error or "the stream is closed")
         prepared = self.lane.slotted.check_input(self.slot, torch.as_tensor(value))  # (1, n, f) or (1, 1, s)
-        return await self._submit("push", prepared[0] if self.lane.kind == "decode" else prepared.flatten())
+        if self.lane.kind == "decode":
+            # checked here, per stream and in order, not in the batched step: a mismatch there would fail the
+            # tick's other streams too (the slot's own count is known only once a push has run)
+            if self.n_codebooks is not None and prepared.shape[1] != self.n_codebooks:
+                raise ValueError(f"slot {self.slot}: codes have {prepared.shape[1]} codebooks; its earlier pushes "
+                                 f"had {self.n_codebooks}")
+            self.n_codebooks = prepared.shape[1]
+        return await self._submit("push", prepared)
 
     async def finish(self):
         """The rest of the stream's output; closes the stream and frees its slot."""
@@ -200,9 +208,9 @@ class Scheduler:
     async def encode(self, audio: torch.Tensor):
         """Whole-file encode of samples (s,) -> codes (n, f), batched with other clients' requests."""
         audio = torch.as_tensor(audio)
-        if audio.dim() != 1 or not audio.is_floating_point() or audio.numel() == 0:
-            raise ValueError(f"audio must be a non-empty floating point tensor of shape (samples,), got "
-                             f"{audio.dtype} {tuple(audio.shape)}")
+        if audio.dim() != 1:
+            raise ValueError(f"audio must be a tensor of shape (samples,), got {tuple(audio.shape)}")
+        check_stream_samples(audio)  # NaN here would fail the other clients' requests batched with it
         return await self._offline_request("encode", audio)
 
     async def decode(self, codes: torch.Tensor):
@@ -322,11 +330,12 @@ class Scheduler:
                         self._fail(lane, stream, f"the batched step failed: {exc}")
                 continue
             now = time.perf_counter()
+            answers = {stream.slot: outputs[stream.slot].cpu() for stream, _ in batch}  # device copies, unlocked
             with self._lock:
                 for stream, request in batch:
                     stream.pushes += 1
                     stream.latencies.append(now - request.queued)
-                    request.resolve(outputs[stream.slot].cpu())
+                    request.resolve(answers[stream.slot])
                     if request.op == "finish":
                         stream.closed = True
                         lane.release(stream)
@@ -336,10 +345,8 @@ class Scheduler:
 
     @staticmethod
     def _push(lane: _Lane, batch: list) -> list:
-        inputs = [None] * lane.slotted.slots
-        for stream, request in batch:
-            inputs[stream.slot] = request.value
-        return lane.slotted.push(inputs)
+        # validated when queued (Stream.push): the step does not check them again
+        return lane.slotted.push_checked({stream.slot: request.value for stream, request in batch})
 
     @staticmethod
     def _finish(lane: _Lane, batch: list) -> list:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..feature_extraction import pcm_to_float
 from .scheduler import Busy, Scheduler, StreamClosed
 
 CODE_DTYPES = {"uint16": "<u2", "int16": "<i2", "int32": "<i4", "int64": "<i8"}
@@ -105,7 +106,7 @@ class _Session:
             self.pushed += codes.shape[1]
             tensor = torch.from_numpy(codes)
         else:
-            audio = values.astype(np.float32) / (32768.0 if self.dtype.kind == "i" else 1.0)
+            audio = np.array(pcm_to_float(values, "audio"), dtype=np.float32)  # a writable copy
             self.pushed += audio.size
             tensor = torch.from_numpy(audio)
         hop = self.state.model.config.hop_length
@@ -335,8 +336,7 @@ async def _encode_file(scheduler: Scheduler, body: bytes) -> bytes:
     stacked = torch.stack(codes).numpy().astype(np.uint16)
     dac = DacFile(codes=stacked, input_db=np.array([input_db], np.float32), original_length=audio.shape[-1],
                   sample_rate=rate, chunk_length=stacked.shape[-1], channels=audio.shape[0], padding=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        return dac.save(Path(tmp) / "out.dac").read_bytes()
+    return dac.to_bytes()
 
 
 async def _decode_file(scheduler: Scheduler, body: bytes) -> bytes:
