@@ -149,7 +149,6 @@ class MemMeter:
 # ----------------------------------------------------------------------------- models and inputs
 def build_models(preset: str, seed: int, device: str, want_ours: bool, want_hf: bool):
     """transformers' model with dac_fast's seeded random weights, and dac_fast's conversion of it."""
-    import torch
     import transformers
 
     from dac_fast import DacConfig, DacModel
@@ -703,10 +702,7 @@ def plan_jobs(cases, args, device, threads, tmp, ref_sides, sides, compile_sides
         bases.append(dict(preset=preset, op=op, batch=batch, seconds=seconds, seed=args.seed, device=device,
                           threads=threads, allocator=args.allocator, dir=d, tf32=args.tf32, case=ci,
                           need_latent=op == "decode"))
-    try:
-        prepared = in_child(prep_all, bases, args.timeout)
-    except RuntimeError as e:
-        prepared = [("error", str(e))] * len(bases)
+    prepared = list(in_child_each(prep_inputs, bases, args.timeout))  # every case's inputs in one child
     jobs, case_recs = [], {}
     for base, (preset, op, batch, seconds, warmup, repeats, purpose), (status, prep) in zip(bases, cases, prepared):
         if status != "ok":
@@ -723,17 +719,6 @@ def plan_jobs(cases, args, device, threads, tmp, ref_sides, sides, compile_sides
             recs[side] = dict(preset=preset, op=op, batch=batch, seconds=seconds, audio_seconds=audio_s, side=side,
                               dtype=dtype, purpose=purpose, warmup=w, repeats=repeats, isolation=args.isolation)
     return jobs, case_recs
-
-
-def prep_all(bases: list[dict]) -> list:
-    """Child: ``prep_inputs`` of every case, ("ok", result) or ("error", message) each."""
-    out = []
-    for base in bases:
-        try:
-            out.append(("ok", prep_inputs(base)))
-        except Exception as e:  # noqa: BLE001 - that case is skipped, the others run
-            out.append(("error", f"{type(e).__name__}: {e}"))
-    return out
 
 
 def run_jobs(jobs: list[dict], isolation: str, timeout: float):

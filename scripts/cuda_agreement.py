@@ -8,8 +8,8 @@ implementation is right: those are measurements (codes equal %, max abs differen
 in a table, not pass/fail tests. What stays a failure (``verdict``): a wrong shape, NaN or Inf, codes agreeing
 on less than 99.9%, decoded audio further than 1e-3 from the offline call's. Rows: streaming decode and
 encode against offline, a padded batch against each item alone, and (CUDA only) cuda_graphs=True against
-eager for a tiled encode and decode and for the streaming decoder. On the CPU (the rehearsal) every row must
-be exact. The markdown and JSON are rewritten after each row, so a run cut by its cap keeps what it measured.
+eager for a tiled encode and decode and for the streaming decoder. On the CPU (the rehearsal) every row's codes
+must be exact (decoded audio may differ at rounding level: the streaming decoder's packed weights). The markdown and JSON are rewritten after each row, so a run cut by its cap keeps what it measured.
 Exit status 1 when any row fails its verdict.
 """
 
