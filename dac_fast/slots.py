@@ -144,6 +144,11 @@ class SlotDecoder(_Slots):
         if self._graphs is not None:
             self._graphs.size = 2 * self.slots
 
+    def final_outputs(self, frames: int) -> int:
+        """Samples a stream has returned after pushes of ``frames`` frames in all (before its flush): every
+        sample is returned as soon as the frames it depends on are in."""
+        return max(0, frames * self.config.hop_length - self.lookahead_samples)
+
     def check_input(self, slot: int, codes) -> torch.Tensor:
         """One slot's codes (n, f) validated against the model and the slot's earlier pushes -> (1, n, f) on the
         model's device. Raises TypeError/ValueError naming the slot."""
@@ -216,6 +221,11 @@ class SlotEncoder(_Slots):
 
     def _step(self, audio, layers):
         return encode_step(self.model, audio, layers, self.n_quantizers)
+
+    def final_outputs(self, samples: int) -> int:
+        """Frames a stream has returned after pushes of ``samples`` samples in all (before its flush): frame f
+        is returned once samples through f * hop_length + lookahead_samples are in."""
+        return max(0, (samples - self.lookahead_samples - 1) // self.config.hop_length + 1)
 
     def check_input(self, slot: int, audio) -> torch.Tensor:
         """One slot's samples (s,) validated -> (1, 1, s) in the model's dtype and device. Raises

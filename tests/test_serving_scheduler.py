@@ -119,3 +119,61 @@ def test_one_streams_bad_push_fails_only_that_push(model):
         expected = model.decode(audio_codes=good[None]).audio_values[0]
         assert (audio - expected).abs().max().item() <= ATOL
         assert torch.equal(codes, model.encode(clip[None, None]).audio_codes[0])
+
+
+def test_queued_pushes_run_as_one_and_each_gets_its_own_reply(model):
+    """A pipelining client's queued pushes are coalesced into one model push; each request's reply is exactly
+    what it gets pushed alone (lengths equal, values within rounding), decode and encode."""
+    from dac_fast.slots import SlotDecoder, SlotEncoder
+
+    gen = torch.Generator().manual_seed(5)
+    hop = model.config.hop_length
+    codes = torch.randint(0, 1024, (12, 23), generator=gen)
+    decode_sizes = [1, 3, 2, 5, 1, 4, 7]
+    audio = torch.from_numpy(synth_audio(20 * hop + 37, 16000, seed=5))
+    encode_sizes = [301, 977, 1500, 64, 2049, audio.shape[0] - 4891]
+
+    def pieces(tensor, sizes):
+        edges = np.cumsum([0, *sizes])
+        return [tensor[..., a:b] for a, b in zip(edges[:-1], edges[1:])]
+
+    async def pipelined(scheduler, kind, inputs):
+        stream = await (scheduler.open_decode_stream() if kind == "decode" else scheduler.open_encode_stream())
+        futures = [stream.submit(x) for x in inputs]  # all queued before the thread can take the first
+        replies = [await f for f in futures]
+        return replies, await stream.finish()
+
+    with Scheduler(model, decode_slots=1, encode_slots=1, coalesce=3) as scheduler:
+        scheduler._lock.acquire()  # hold the thread until every push is queued
+        try:
+            loop = asyncio.new_event_loop()
+            dec = loop.create_task(pipelined(scheduler, "decode", pieces(codes, decode_sizes)))
+            enc = loop.create_task(pipelined(scheduler, "encode", pieces(audio, encode_sizes)))
+            loop.call_later(0.2, scheduler._lock.release)
+            (dec_replies, dec_rest), (enc_replies, enc_rest) = loop.run_until_complete(asyncio.gather(dec, enc))
+            loop.close()
+        finally:
+            if scheduler._lock._is_owned():
+                scheduler._lock.release()
+        ticks = scheduler.metrics()["ticks"]
+    alone_dec, alone_enc = SlotDecoder(model, 1), SlotEncoder(model, 1)
+    for piece, reply in zip(pieces(codes, decode_sizes), dec_replies):
+        alone = alone_dec.push([piece])[0]
+        assert reply.shape == alone.shape
+        if alone.numel():
+            assert (reply - alone).abs().max().item() <= ATOL
+    for piece, reply in zip(pieces(audio, encode_sizes), enc_replies):
+        assert torch.equal(reply, alone_enc.push([piece])[0])
+    with torch.inference_mode():
+        whole = model.decode(audio_codes=codes[None]).audio_values[0]
+        assert (torch.cat([*dec_replies, dec_rest]) - whole).abs().max().item() <= ATOL
+        assert torch.equal(torch.cat([*enc_replies, enc_rest], -1), model.encode(audio[None, None]).audio_codes[0])
+    # 7 decode pushes in groups of at most 3 -> 3 ticks, then one for the finishes (or fewer with the encodes)
+    assert ticks <= 4, ticks
+
+
+def test_scheduler_options_are_checked(model):
+    for options, word in (({"coalesce": 0}, "coalesce"), ({"coalesce": True}, "coalesce"),
+                          ({"gather_s": -1}, "gather_s"), ({"gather_s": "1"}, "gather_s")):
+        with pytest.raises(ValueError, match=word):
+            Scheduler(model, **options)

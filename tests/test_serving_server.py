@@ -106,6 +106,39 @@ def test_disconnect_mid_stream_frees_the_slot_others_stay_exact(server):
     wait_for_active(server, 0)
 
 
+def test_pipelined_pushes_each_get_their_own_reply_in_order(server):
+    """A client sends all its pushes before reading any reply (more than the server reads ahead, so it also
+    meets backpressure): one reply per push, in order, each as long as that push's final samples, and the
+    whole exact; a bad push in the pipeline closes only that stream with 1007."""
+    from dac_fast.slots import SlotDecoder
+
+    sizes = [1, 2, 3, 1, 4, 2, 2, 1, 3, 1, 1, 2, 4, 1, 1, 2, 3, 1, 1, 2]
+    codes = codes_for(11, sum(sizes))
+    final = SlotDecoder(server.model, 1).final_outputs
+    edges = np.cumsum([0, *sizes])
+
+    async def main():
+        session = await Client(server.url).decode_stream()
+        for a, b in zip(edges[:-1], edges[1:]):
+            await session.send(codes[:, a:b])
+        replies = [await session.receive() for _ in sizes]
+        rest = await session.end()
+        bad = await Client(server.url).decode_stream()
+        await bad.send(codes[:, :2])
+        await bad.send(np.full((12, 1), 4096))
+        with pytest.raises(ServerClosed) as closed:
+            for _ in range(3):
+                await bad.receive()
+        return replies, rest, closed.value
+
+    replies, rest, closed = asyncio.run(main())
+    assert [r.size for r in replies] == [final(b) - final(a) for a, b in zip(edges[:-1], edges[1:])]
+    audio = np.concatenate([*replies, rest])
+    assert np.abs(audio - expected_audio(server.model, codes)).max() <= ATOL
+    assert closed.code == 1007 and "1024" in closed.reason
+    wait_for_active(server, 0)
+
+
 @pytest.mark.parametrize("send,code,message", [
     ("not json", 1007, "JSON"),
     ({"type": "start", "dtype": "float64"}, 1007, "dtype must be one of"),
@@ -329,7 +362,9 @@ def test_token_and_busy_whole_file_requests(server, tmp_path):
     (["--host", "0.0.0.0"], "--token TOKEN"),
     (["--slots", "0"], "--slots must be at least 1"),
     ([], "add --random-weights"),
-], ids=["public-host-without-token", "no-slots", "preset-without-random-weights"])
+    (["--random-weights", "--coalesce", "0"], "--coalesce must be at least 1"),
+    (["--random-weights", "--gather-ms", "-1"], "--gather-ms in [0, 1000]"),
+], ids=["public-host-without-token", "no-slots", "preset-without-random-weights", "coalesce", "gather"])
 def test_serve_refuses_unsafe_or_bad_arguments_before_loading(argv, message, capsys):
     from dac_fast.cli import main
 

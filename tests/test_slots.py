@@ -56,6 +56,9 @@ def run_schedule(slotted, rng, new_input, piece, enough=(3, 3), max_ticks: int =
             for slot, out in enumerate(slotted.push(inputs)):
                 if out is not None:
                     streams[slot][2].append(out)
+                    # each output is returned as soon as it is final (what the server's coalescing relies on)
+                    returned = sum(o.shape[-1] for o in streams[slot][2])
+                    assert returned == slotted.final_outputs(streams[slot][1])
         if flushing:
             for slot, out in enumerate(slotted.flush(flushing)):
                 if out is not None:

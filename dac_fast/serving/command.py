@@ -44,6 +44,12 @@ def add_serve_parser(sub) -> None:
                    help="run each stream's push as its own model call (a baseline for benchmarks)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA: steady decode ticks replay a graph recorded per slot count in use")
+    p.add_argument("--coalesce", type=int, default=4, metavar="N",
+                   help="a stream that fell behind has up to N queued pushes run as one (each still gets its own "
+                        "reply; 1: never; default: 4)")
+    p.add_argument("--gather-ms", type=float, default=5.0, metavar="MS",
+                   help="how long a tick waits for the streams of the previous tick to push, so they share one "
+                        "batched step (0: never waits; default: 5)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (per replica with --ray)")
     g = p.add_argument_group("Ray Serve: replicas across a cluster (pip install '.[serve-ray]')")
     add_address_argument(g, "serve as a Ray Serve deployment: each replica loads the model and runs its own slots; "
@@ -71,6 +77,9 @@ def run_serve(args: argparse.Namespace) -> int:
             or not 0 <= args.port < 65536):
         return fail("--queue must be >= 0, --max-message-bytes, --outbox, --max-stream-seconds and "
                     "--send-timeout positive, --port in [0, 65535]")
+    if args.coalesce < 1 or not 0 <= args.gather_ms <= 1000:
+        return fail(f"--coalesce must be at least 1 (got {args.coalesce}) and --gather-ms in [0, 1000] "
+                    f"(got {args.gather_ms:g})")
     from ..arguments import UserError
     from ..job_model import PRESET_NAMES, load_model
     from ..io import require
@@ -78,7 +87,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.model in PRESET_NAMES and not args.random_weights:
         return fail(f"--model {args.model} is a preset with RANDOM weights: add --random-weights to use it")
     scheduler_options = dict(decode_slots=args.slots, encode_slots=args.encode_slots, waiting=args.queue,
-                             batch_streams=args.slot_batching, cuda_graphs=args.cuda_graphs)
+                             batch_streams=args.slot_batching, cuda_graphs=args.cuda_graphs,
+                             coalesce=args.coalesce, gather_s=args.gather_ms / 1000)
     app_options = dict(token=args.token, max_message_bytes=args.max_message_bytes,
                        max_stream_seconds=args.max_stream_seconds, outbox=args.outbox, send_timeout=args.send_timeout)
     if args.ray is not None:

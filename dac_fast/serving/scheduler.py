@@ -6,6 +6,16 @@ the pushes of a kind as one ``SlotDecoder.push`` / ``SlotEncoder.push`` (``dac_f
 by state shape), then the flushes, then at most one batch of whole-file requests (right-padded, the exact
 ``padding_mask`` / ``audio_frames`` path). Results go back to the asyncio loop that asked.
 
+Two ways a tick gets wider on a loaded server, neither changing any stream's output:
+
+- coalescing: a stream that fell behind (a pipelining client whose pushes queued while a tick ran) has up to
+  ``coalesce`` of its queued pushes run as ONE push of their concatenated input; each request still gets
+  exactly its own reply (the output is split where each push's samples or frames become final:
+  ``SlotDecoder.final_samples`` / ``SlotEncoder.final_frames``). Longer pushes use the CPU better.
+- gathering: when a tick is about to start while other streams that pushed in their previous tick have
+  nothing queued yet, the thread waits up to ``gather_s`` for them, so streams pushing on the same beat share
+  one batched step instead of alternating single-stream ticks.
+
 Bounds: ``decode_slots`` / ``encode_slots`` streams at once, ``waiting`` more waiting for a slot (beyond that
 ``open_*_stream`` raises ``Busy``), ``max_pending`` queued requests per stream, ``offline_queue`` whole-file
 requests. An exception inside a tick fails that tick's requests of the failing call (their streams are closed
@@ -65,6 +75,7 @@ class Stream:
         self.pushes = 0
         self.n_codebooks: int | None = None  # a decode stream's codebook count, fixed by its first push
         self.latencies: collections.deque = collections.deque(maxlen=1024)  # seconds from queued to answered
+        self.ticked = -2  # the last tick that advanced this stream (gathering waits for last tick's streams)
 
     def _submit(self, op: str, value):
         if self.closed:
@@ -74,8 +85,9 @@ class Stream:
         self.lane.scheduler._enqueue(self, _Request(op, value, loop, future))
         return future
 
-    async def push(self, value):
-        """Codes (n, f) for a decode stream -> samples (k,); samples (s,) for an encode stream -> codes (n, f)."""
+    def submit(self, value) -> asyncio.Future:
+        """Validate and queue one push now (call from the event loop); the future resolves to its output. Lets a
+        client's pushes queue behind each other (pipelining) while earlier ones run."""
         if self.closed:
             raise StreamClosed(self.error or "the stream is closed")
         prepared = self.lane.slotted.check_input(self.slot, torch.as_tensor(value))  # (1, n, f) or (1, 1, s)
@@ -86,7 +98,11 @@ class Stream:
                 raise ValueError(f"slot {self.slot}: codes have {prepared.shape[1]} codebooks; its earlier pushes "
                                  f"had {self.n_codebooks}")
             self.n_codebooks = prepared.shape[1]
-        return await self._submit("push", prepared)
+        return self._submit("push", prepared)
+
+    async def push(self, value):
+        """Codes (n, f) for a decode stream -> samples (k,); samples (s,) for an encode stream -> codes (n, f)."""
+        return await self.submit(value)
 
     async def finish(self):
         """The rest of the stream's output; closes the stream and frees its slot."""
@@ -130,13 +146,20 @@ class Scheduler:
 
     def __init__(self, model: DacModel, decode_slots: int = 8, encode_slots: int = 4, waiting: int = 8,
                  max_pending: int = 16, offline_batch: int = 8, offline_queue: int = 32,
-                 n_quantizers: int | None = None, batch_streams: bool = True, cuda_graphs: bool = False):
+                 n_quantizers: int | None = None, batch_streams: bool = True, cuda_graphs: bool = False,
+                 coalesce: int = 4, gather_s: float = 0.005):
         for name, value in (("decode_slots", decode_slots), ("encode_slots", encode_slots), ("waiting", waiting),
                             ("max_pending", max_pending), ("offline_batch", offline_batch),
                             ("offline_queue", offline_queue)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if "slots" in name else 0):
                 raise ValueError(f"{name} must be a {'positive' if 'slots' in name else 'non-negative'} integer, "
                                  f"got {value!r}")
+        if isinstance(coalesce, bool) or not isinstance(coalesce, int) or coalesce < 1:
+            raise ValueError(f"coalesce must be a positive integer (1: never merge a stream's queued pushes), "
+                             f"got {coalesce!r}")
+        if isinstance(gather_s, bool) or not isinstance(gather_s, (int, float)) or not 0 <= gather_s <= 1:
+            raise ValueError(f"gather_s must be a number of seconds in [0, 1], got {gather_s!r}")
+        self.coalesce, self.gather_s = coalesce, float(gather_s)
         self.model = model.eval()
         self.batch_streams = batch_streams  # False: each stream's push is its own model call (a baseline)
         self.lanes = {"decode": _Lane(self, "decode", SlotDecoder(model, decode_slots, cuda_graphs)),
@@ -275,7 +298,8 @@ class Scheduler:
                     self._lock.wait()
                 if not self._running and not self._has_work():
                     break
-                taken = {kind: [(s, s.pending.popleft()) for s in list(lane.streams.values()) if s.pending]
+                self._gather()
+                taken = {kind: [(s, self._take(s)) for s in list(lane.streams.values()) if s.pending]
                          for kind, lane in self.lanes.items()}
                 offline = [self._offline.popleft() for _ in range(min(self.offline_batch, len(self._offline)))]
             started = time.perf_counter()
@@ -288,6 +312,9 @@ class Scheduler:
                 self.tick_seconds += time.perf_counter() - started
                 self.last_tick_streams = sum(len(items) for items in taken.values())
                 self.most_tick_streams = max(self.most_tick_streams, self.last_tick_streams)
+                for items in taken.values():
+                    for stream, _ in items:
+                        stream.ticked = self.ticks
         with self._lock:  # stopped: every stream left is closed
             for lane in self.lanes.values():
                 for stream in list(lane.streams.values()):
@@ -295,6 +322,32 @@ class Scheduler:
                 for loop, future in lane.waiting:
                     _Request("open", None, loop, future).resolve(error=StreamClosed("the server is shutting down"))
                 lane.waiting.clear()
+
+    def _take(self, stream: Stream):
+        """The stream's oldest request (lock held); a push takes up to ``coalesce`` queued pushes behind it as a
+        list (one model push of their concatenated inputs)."""
+        first = stream.pending.popleft()
+        if first is None or first.op != "push" or self.coalesce == 1:
+            return first
+        merged = [first]
+        while (len(merged) < self.coalesce and stream.pending and stream.pending[0] is not None
+               and stream.pending[0].op == "push"):
+            merged.append(stream.pending.popleft())
+        return merged
+
+    def _gather(self) -> None:
+        """Wait (lock held) up to ``gather_s`` for the streams that ran in the previous tick and have nothing
+        queued yet, so that streams pushing on one beat run as one batched step."""
+        if not self.batch_streams or self.gather_s <= 0 or self._offline:
+            return
+        deadline = time.perf_counter() + self.gather_s
+        while self._running:
+            late = [s for lane in self.lanes.values() for s in lane.streams.values()
+                    if not s.pending and s.ticked == self.ticks and not s.closed]
+            left = deadline - time.perf_counter()
+            if not late or left <= 0:
+                return
+            self._lock.wait(left)
 
     def _fail(self, lane: _Lane, stream: Stream, message: str) -> None:
         """Close ``stream`` with ``message`` (lock held): its queued requests fail, its slot is freed."""
@@ -307,9 +360,10 @@ class Scheduler:
         lane.release(stream)
 
     def _tick_lane(self, lane: _Lane, items: list) -> None:
+        """``items``: (stream, None (dropped) | a finish request | a list of push requests) of one lane."""
         dropped = [s for s, r in items if r is None]
-        pushes = [(s, r) for s, r in items if r is not None and r.op == "push"]
-        finishes = [(s, r) for s, r in items if r is not None and r.op == "finish"]
+        pushes = [(s, r) for s, r in items if isinstance(r, list)]
+        finishes = [(s, [r]) for s, r in items if r is not None and not isinstance(r, list)]
         with self._lock:
             for stream in dropped:
                 self._fail(lane, stream, "the stream was closed")
@@ -321,22 +375,23 @@ class Scheduler:
             try:
                 if self.fault is not None:
                     self.fault(lane.kind)
-                outputs = call(lane, batch)
+                answers = call(lane, batch)
             except Exception as exc:  # the tick's streams fail with the message; the others go on
                 with self._lock:
                     self.failed_ticks += 1
-                    for stream, request in batch:
-                        request.resolve(error=StreamClosed(f"the batched step failed: {exc}"))
+                    for stream, requests in batch:
+                        for request in requests:
+                            request.resolve(error=StreamClosed(f"the batched step failed: {exc}"))
                         self._fail(lane, stream, f"the batched step failed: {exc}")
                 continue
             now = time.perf_counter()
-            answers = {stream.slot: outputs[stream.slot].cpu() for stream, _ in batch}  # device copies, unlocked
             with self._lock:
-                for stream, request in batch:
-                    stream.pushes += 1
-                    stream.latencies.append(now - request.queued)
-                    request.resolve(answers[stream.slot])
-                    if request.op == "finish":
+                for stream, requests in batch:
+                    for request, answer in zip(requests, answers[stream.slot]):
+                        stream.pushes += 1
+                        stream.latencies.append(now - request.queued)
+                        request.resolve(answer)
+                    if requests[0].op == "finish":
                         stream.closed = True
                         lane.release(stream)
 
@@ -344,13 +399,31 @@ class Scheduler:
         return [requests] if self.batch_streams else [[request] for request in requests]
 
     @staticmethod
-    def _push(lane: _Lane, batch: list) -> list:
-        # validated when queued (Stream.push): the step does not check them again
-        return lane.slotted.push_checked({stream.slot: request.value for stream, request in batch})
+    def _push(lane: _Lane, batch: list) -> dict:
+        """One model push per stream of its requests' inputs (validated when queued, by ``Stream.push``)
+        concatenated; slot -> each request's share of the output, on the CPU."""
+        slotted = lane.slotted
+        pushed = {stream.slot: slotted.pushed(stream.slot) for stream, _ in batch}
+        outputs = slotted.push_checked({stream.slot: torch.cat([r.value for r in requests], dim=-1)
+                                        for stream, requests in batch})
+        answers = {}
+        for stream, requests in batch:
+            output, total = outputs[stream.slot].cpu(), pushed[stream.slot]  # device copies, lock not held
+            ends = []
+            for request in requests:
+                total += request.value.shape[-1]
+                ends.append(slotted.final_outputs(total))
+            starts = [slotted.final_outputs(pushed[stream.slot])] + ends[:-1]
+            if ends[-1] - starts[0] != output.shape[-1]:
+                raise RuntimeError(f"slot {stream.slot}: {output.shape[-1]} outputs where {ends[-1] - starts[0]} "
+                                   "were due")
+            answers[stream.slot] = [output[..., a - starts[0] : b - starts[0]] for a, b in zip(starts, ends)]
+        return answers
 
     @staticmethod
-    def _finish(lane: _Lane, batch: list) -> list:
-        return lane.slotted.flush([stream.slot for stream, _ in batch])
+    def _finish(lane: _Lane, batch: list) -> dict:
+        outputs = lane.slotted.flush([stream.slot for stream, _ in batch])
+        return {stream.slot: [outputs[stream.slot].cpu()] for stream, _ in batch}
 
     def _run_offline(self, requests: list) -> None:
         """One batch per kind and codebook count: right-padded, each item computed as if alone."""

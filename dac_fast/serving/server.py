@@ -10,7 +10,10 @@ WebSocket ``/v1/decode`` (codes in, PCM out) and ``/v1/encode`` (PCM in, codes o
 2. the server answers ``{"type": "ready", ...}`` (rates, the dtype it sends, codebooks, limits);
 3. each binary message is one push: little-endian, decode: ``frames x codebooks`` codes frame-major; encode:
    mono samples. Each push gets exactly one binary reply, in order (decode: float32 samples, possibly none;
-   encode: uint16 codes, frames x codebooks frame-major, possibly none);
+   encode: uint16 codes, frames x codebooks frame-major, possibly none). A client may pipeline: send pushes
+   as its frames come without waiting for replies; the server reads ahead up to the scheduler's
+   ``max_pending`` pushes per stream (then stops reading: TCP backpressure), and a stream that fell behind
+   has its queued pushes run as one (see ``scheduler``), each still answered on its own;
 4. ``{"type": "end"}`` gets the last binary reply and ``{"type": "done", ...}``, then close 1000.
 
 Close codes: 1007 malformed or out-of-range data (the reason says what), 1008 a missing or wrong token, or a
@@ -63,6 +66,9 @@ class _Session:
         self.stop = asyncio.Event()  # set when the server drains
         self.pushed = 0  # frames or samples
         self.stream = None  # the scheduler's stream, once a slot is ours
+        # pushes read ahead, answered in order by reply_loop; bounded so the scheduler never refuses one
+        self.inflight: asyncio.Queue = asyncio.Queue(max(1, app_state.scheduler.max_pending - 1))
+        self.failure: asyncio.Future = asyncio.get_running_loop().create_future()  # set by reply_loop
 
     def parse_start(self, text: str) -> dict:
         try:
@@ -134,9 +140,17 @@ class _Session:
         except Busy as exc:
             raise ProtocolError(1013, f"busy: {exc}; retry later") from None
         self.reply({**ready, "slot": self.stream.slot})
+        replier = asyncio.ensure_future(self.reply_loop())
+        try:
+            return await self.stream_loop(replier)
+        finally:
+            replier.cancel()
+
+    async def stream_loop(self, replier: asyncio.Task) -> tuple[int, str]:
         while True:
             message = await self.receive()
             if message is None:
+                await self.replies_sent(replier)  # pushes already read are still answered
                 return 1001, "the server is shutting down"
             if message["type"] == "websocket.disconnect":
                 return 1000, "done"
@@ -146,19 +160,42 @@ class _Session:
                 raise ProtocolError(1009, f"a message may hold at most {self.state.max_message} bytes")
             value = self.parse_push(message["bytes"])
             try:
-                output = await self.stream.push(value)
+                future = self.stream.submit(value)
             except (TypeError, ValueError) as exc:
                 raise ProtocolError(1007, str(exc)) from None
-            self.reply(self.encode_reply(output))
+            await self.or_failure(self.inflight.put(future))
         try:
             end = json.loads(message.get("text") or "")
         except json.JSONDecodeError:
             end = None
         if not isinstance(end, dict) or end.get("type") != "end":
             raise ProtocolError(1007, "text messages after start must be {\"type\": \"end\"}")
+        await self.replies_sent(replier)
         self.reply(self.encode_reply(await self.stream.finish()))
         self.reply({"type": "done", "pushed": self.pushed})
         return 1000, "done"
+
+    async def reply_loop(self) -> None:
+        """Answer the pushes read ahead, in order; the first failure ends the stream (through ``failure``)."""
+        try:
+            while (future := await self.inflight.get()) is not None:
+                await self.reply_soon(self.encode_reply(await future))
+        except Exception as exc:
+            self.failure.set_exception(exc)
+
+    async def replies_sent(self, replier: asyncio.Task) -> None:
+        """Wait until every push read so far is answered (or raise the failure that ended the answers)."""
+        await self.or_failure(self.inflight.put(None))
+        await self.or_failure(asyncio.shield(replier))
+
+    async def or_failure(self, awaitable):
+        """``await awaitable``, unless the replies failed first: then raise that failure."""
+        task = asyncio.ensure_future(awaitable)
+        await asyncio.wait({task, self.failure}, return_when=asyncio.FIRST_COMPLETED)
+        if self.failure.done():
+            task.cancel()
+            self.failure.result()
+        return task.result()
 
     async def send_loop(self) -> None:
         while True:
@@ -174,15 +211,29 @@ class _Session:
         try:
             self.outbox.put_nowait(item)
         except asyncio.QueueFull:
-            raise ProtocolError(1008, f"the client stopped reading: {self.state.outbox} replies are waiting") from None
+            raise self.stopped_reading() from None
+
+    def stopped_reading(self) -> ProtocolError:
+        return ProtocolError(1008, f"the client stopped reading: {self.state.outbox} replies are waiting")
+
+    async def reply_soon(self, item) -> None:
+        """``reply``, waiting up to ``send_timeout`` for room: pipelined pushes coalesced in one tick are answered
+        at once, more replies than the outbox holds, from a client that does read."""
+        try:
+            await asyncio.wait_for(self.outbox.put(item), self.state.send_timeout)
+        except asyncio.TimeoutError:
+            raise self.stopped_reading() from None
 
     async def receive(self):
         """The next message, or None once the server drains: a push already sent when the drain began (read
         within ``DRAIN_GRACE_S``) is still served, never cut off midway."""
         receive = asyncio.ensure_future(self.ws.receive())
         stop = asyncio.ensure_future(self.stop.wait())
-        await asyncio.wait({receive, stop}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({receive, stop, self.failure}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
+        if self.failure.done():  # a push failed while we waited for the client's next message
+            receive.cancel()
+            self.failure.result()
         if not receive.done():
             await asyncio.wait({receive}, timeout=DRAIN_GRACE_S)
         if receive.done():
