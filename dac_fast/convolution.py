@@ -192,20 +192,51 @@ def conv_transpose_polyphase(conv: nn.ConvTranspose1d, hidden_state: torch.Tenso
     """
     s, p = conv.stride[0], conv.padding[0]
     c_in, c_out, k = conv.weight.shape
-
-    def phase_weights():
-        weight = conv.weight.detach().view(c_in, c_out, 2, s).flip(2).permute(3, 1, 0, 2)
-        return weight.reshape(s * c_out, c_in, 2).contiguous(), conv.bias.detach().repeat(s)
-
-    cached = derived_from(conv, "_polyphase", [conv.weight, conv.bias], phase_weights)
+    weight, bias = _phase_weights(conv)
     if packed:  # (B, s * C_out, L + 1)
-        phases = packed_conv1d(conv, hidden_state, cached[0], cached[1], padding=1)
+        phases = packed_conv1d(conv, hidden_state, weight, bias, padding=1)
     else:
-        phases = F.conv1d(hidden_state, cached[0], cached[1], padding=1)
+        phases = F.conv1d(hidden_state, weight, bias, padding=1)
     batch, _, frames = phases.shape
     length = (hidden_state.shape[-1] - 1) * s - 2 * p + k
     out = phases.view(batch, s, c_out, frames).permute(0, 2, 3, 1).reshape(batch, c_out, frames * s)
     return out[..., p : p + length]
+
+
+def conv_transpose_inner_frames(conv: nn.ConvTranspose1d, windows: torch.Tensor, packed: bool = False) -> torch.Tensor:
+    """What ``conv_transpose_polyphase`` gives for the frames of ``windows`` (B, C_in, L >= 2) that have both
+    of their input frames inside the window (phase frames 1 .. L - 1, before any crop): (B, C_out, (L - 1) * s).
+    A stream's step: each window is [kept last frame | new frames].
+
+    The B windows run folded along time as ONE sequence (the column that spans two windows is dropped): the
+    weight is read once per step, where oneDNN's batched convolution reads a large weight once per window
+    (2-3x slower for the decoder's first layers at 3-8 streams of a few frames, 2 cores)."""
+    s = conv.stride[0]
+    c_in, c_out, _ = conv.weight.shape
+    weight, bias = _phase_weights(conv)
+    batch, _, frames = windows.shape
+    folded = windows.transpose(0, 1).reshape(1, c_in, batch * frames) if batch > 1 else windows
+    if packed:  # (1, s * C_out, B * L - 1)
+        phases = packed_conv1d(conv, folded, weight, bias, padding=0)
+    else:
+        phases = F.conv1d(folded, weight, bias)
+    # window b's columns are b * L .. b * L + L - 2: a view (s, C_out, B, L - 1) of them, then one interleaving copy
+    channel, time = phases.stride(1), phases.stride(2)  # oneDNN may hand back a channels-last layout
+    phases = phases.as_strided((s, c_out, batch, frames - 1), (c_out * channel, channel, frames * time, time),
+                               phases.storage_offset())
+    return phases.permute(2, 1, 3, 0).reshape(batch, c_out, (frames - 1) * s)
+
+
+def _phase_weights(conv: nn.ConvTranspose1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The polyphase form's 2-tap weight (s * C_out, C_in, 2) and bias, built once per weight version."""
+    s = conv.stride[0]
+    c_in, c_out, _ = conv.weight.shape
+
+    def build():
+        weight = conv.weight.detach().view(c_in, c_out, 2, s).flip(2).permute(3, 1, 0, 2)
+        return weight.reshape(s * c_out, c_in, 2).contiguous(), conv.bias.detach().repeat(s)
+
+    return derived_from(conv, "_polyphase", [conv.weight, conv.bias], build)
 
 
 def _polyphase_applies(conv: nn.ConvTranspose1d, hidden_state: torch.Tensor) -> bool:

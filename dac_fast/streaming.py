@@ -6,8 +6,8 @@ once and what they return equals the offline computation:
 
 - each convolution keeps its left context (the last (k - 1) * dilation inputs), prefilled with the layer's
   own left zero padding; ``flush`` feeds it its right zero padding;
-- each transposed convolution runs in the polyphase form (``conv_transpose_polyphase``), a 2-tap convolution
-  over input frames, so its state is one frame; the first and last ``padding`` samples are cropped as
+- each transposed convolution runs in the polyphase form (``conv_transpose_inner_frames``), a 2-tap
+  convolution over input frames, so its state is one frame; the first and last ``padding`` samples are cropped as
   offline;
 - each residual unit's skip input waits until its branch (delayed by conv1's right context) catches up.
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from .checks import check_codes, check_n_quantizers, check_stream_samples
-from .convolution import conv_arithmetic, conv_transpose_polyphase, zero_outside
+from .convolution import conv_arithmetic, conv_transpose_inner_frames, zero_outside
 from .tiles import decoder_reach, encoded_frames, encoder_reach
 from .cuda_graphs import StepGraphs, capture_cuda_graph
 
@@ -102,15 +102,14 @@ class LayerStreams:
 
     def conv_transpose(self, conv: nn.ConvTranspose1d, hidden_state: torch.Tensor) -> torch.Tensor:
         name = self.names[conv]
-        s, p = conv.stride[0], conv.padding[0]
+        p = conv.padding[0]
         window = self._window(name, hidden_state, 1, 1)
         frames = window.shape[-1]
         self._advance(name, window, frames - 1)
         if frames < 2:
             return window.new_empty(window.shape[0], conv.out_channels, 0)
-        # conv_transpose_polyphase pads one zero frame on each side and crops p samples; phase frames 1 ..
-        # frames - 1 of the window (each needs two real frames) are its samples s - p .. frames * s - p
-        out = conv_transpose_polyphase(conv, window, packed=self.packed)[..., s - p : frames * s - p]
+        # phase frames 1 .. frames - 1 of the window: each needs two real frames
+        out = conv_transpose_inner_frames(conv, window, packed=self.packed)
         crop = min(self.to_crop.setdefault(name, p), out.shape[-1])
         self.to_crop[name] -= crop
         out = out[..., crop:]

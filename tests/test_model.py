@@ -263,6 +263,23 @@ def test_polyphase_transposed_convolution(stride, length):
         assert_close(conv_transpose_polyphase(conv, x), conv(x), rtol=1e-6, what="polyphase after update")
 
 
+@pytest.mark.parametrize("stride, channels, batch, frames", [(2, (6, 5), 1, 2), (5, (7, 3), 3, 5), (8, (96, 1024), 4, 7)])
+def test_transposed_convolution_windows_folded_along_time(stride, channels, batch, frames):
+    """A stream step's transposed convolution runs its B windows folded into one sequence: each window's
+    inner frames equal the torch layer's samples for them (the large case takes the packed oneDNN path)."""
+    from dac_fast.convolution import conv_transpose_inner_frames
+
+    torch.manual_seed(stride)
+    conv = torch.nn.ConvTranspose1d(channels[1], channels[0], 2 * stride, stride, padding=math.ceil(stride / 2))
+    windows = torch.randn(batch, channels[1], frames)
+    with torch.no_grad():
+        full = torch.nn.functional.conv_transpose1d(windows, conv.weight, conv.bias, stride)  # no crop
+        for packed in (False, True):
+            got = conv_transpose_inner_frames(conv, windows, packed=packed)
+            assert got.shape == (batch, channels[0], (frames - 1) * stride)
+            assert_close(got, full[..., stride : frames * stride], rtol=1e-5, what=f"inner frames, packed={packed}")
+
+
 def test_weight_norm_round_trip():
     _, ours = model_pair("16khz", seed=2)
     x = torch.from_numpy(synth_audio(320 * 11, 16000, seed=3))[None, None]
