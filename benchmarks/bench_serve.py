@@ -200,8 +200,8 @@ def bench_preset(args, preset: str) -> tuple[list, dict]:
     model = DacModel.from_preset(preset, seed=SEED)
     config = model.config
     rng = np.random.default_rng(1)
-    clips = [rng.integers(0, config.codebook_size, (config.n_codebooks, round(args.seconds * frames_per_second(config))))
-             for _ in range(max(args.streams))]
+    frames = round(args.seconds * frames_per_second(config))
+    clips = [rng.integers(0, config.codebook_size, (config.n_codebooks, frames)) for _ in range(max(args.streams))]
     reference = Reference(model, clips)
     rtf = offline_rtf(model, rng)
     rows = []

@@ -76,7 +76,8 @@ def test_slots_equal_offline_windows_and_batch_a_tick(model):
         model.decode = decode
     with torch.inference_mode():
         windowed = [*offline_windows(model, pair), *offline_windows(model, clips[2][None])]
-        decoded = [*model.decode(audio_codes=pair).audio_values, model.decode(audio_codes=clips[2][None]).audio_values[0]]
+        decoded = [*model.decode(audio_codes=pair).audio_values,
+                   model.decode(audio_codes=clips[2][None]).audio_values[0]]
         for clip, parts, windows, expected in zip(clips, outs, windowed, decoded):
             audio = torch.cat(parts)
             assert audio.shape == expected.shape
@@ -109,3 +110,14 @@ def test_scheduler_serves_two_window_streams(model):
         assert scheduler.metrics()["lanes"]["decode"]["active"] == 0
     for clip, audio in zip(clips, results):
         assert (audio - offline_windows(model, clip[None])[0]).abs().max().item() <= ATOL
+
+
+def test_serve_decode_mode_option(capsys):
+    from dac_fast.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["serve", "--model", "16khz"]).decode_mode == "slots"
+    assert parse(["serve", "--model", "16khz", "--decode-mode", "windows"]).decode_mode == "windows"
+    with pytest.raises(SystemExit):
+        parse(["serve", "--model", "16khz", "--decode-mode", "orpheus"])
+    assert "--decode-mode: invalid choice: 'orpheus'" in capsys.readouterr().err
