@@ -1,20 +1,27 @@
-"""Concurrent real-time decode streams against ``dac-fast serve`` on loopback: slot batching against one model
-call per stream (the same server with ``--no-slot-batching``).
+"""Concurrent real-time decode streams against ``dac-fast serve`` on loopback, three decode modes side by side:
+``slots`` (a tick's pushes in one exact batched step), ``per-stream`` (the same server, one exact model call per
+stream's push) and ``windows`` (Orpheus-style: every 7 new frames one ``model.decode`` of a 28-frame window,
+all due windows of a tick batched; inexact at the seams).
 
-    python benchmarks/bench_serve.py [--preset 16khz] [--streams 1 2 4 8] [--pushes 4] [--seconds 6]
-                                     [--modes slots per-stream] [--out benchmarks/results/serve_cpu]
+    python benchmarks/bench_serve.py [--presets 16khz 24khz 44khz] [--pushes 1 4 16] [--streams 1 2 3 4]
+                                     [--seconds 4] [--modes slots per-stream windows] [--quick]
+                                     [--out benchmarks/results/serve_cpu]
 
-For each mode a server process starts (seeded random weights, fp32, ``--slots`` = the largest stream count);
-for each push size and stream count N, N clients connect at once and push codes at real-time pace (a push of f
-frames every f / frame_rate seconds) for ``--seconds``. Per point: time to first audio (median over clients),
-per-push latency p50/p99 (send to reply), underruns (stalls of a player that starts once it holds one push
-of audio and resumes after each stall; summed over clients), the server's CPU seconds per stream per second
-of audio, and exactness (each client's audio against ``model.decode`` of its codes, max abs difference). The
-last column per mode and push size is the most streams held in real time: p99 < 300 ms and no underruns.
-Offline decode throughput (1 / RTF of one 10 s decode) is printed beside it as the ceiling.
+Per preset and mode a server process starts (seeded random weights, fp32, ``--slots`` = the largest stream
+count); for each push size and stream count N, N clients connect at once and push codes at real-time pace (a
+push of f frames every f / frame_rate seconds) for ``--seconds``. Per point: time to first audio (median over
+clients), per-push latency p50/p99 (send to reply), underruns (stalls of a player that starts once it holds one
+push of audio and resumes after each stall; summed over clients), the server's CPU seconds per second of
+streamed audio, and the max abs difference of each client's audio against ``model.decode`` of the codes it
+pushed (fp32 rounding for the exact modes, the seams for windows). A client more than ``LAG_LIMIT_S`` behind
+its schedule stops pushing and ends its stream (the point "fell behind"); larger stream counts of that
+(preset, mode, push) are skipped, as they can only do worse. Most streams held per (preset, mode, push): the
+largest N with p99 < 300 ms and no underruns. Offline decode throughput (1 / RTF of one 10 s decode) per preset
+is the ceiling.
 
-Writes OUT.md, OUT.json and (with matplotlib) OUT.png (p99 latency against streams). Short runs only: numbers
-on a shared 2-core machine move with its load.
+``--quick``: 16khz, 4-frame pushes, 1 2 3 streams (to size a full run). Writes OUT.md, OUT.json and (with
+matplotlib) OUT_<preset>.png per preset (p99 latency against streams, a line per mode and push size). Numbers
+on a shared machine move with its load: run the full benchmark on a quiet one.
 """
 
 import argparse
@@ -35,25 +42,28 @@ sys.path.insert(0, ROOT)
 from dac_fast import DacModel  # noqa: E402
 from dac_fast.serving import Client  # noqa: E402
 
+MODES = ["slots", "per-stream", "windows"]
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--preset", default="16khz")
-parser.add_argument("--streams", nargs="+", type=int, default=[1, 2, 4, 8])
-parser.add_argument("--pushes", nargs="+", type=int, default=[4])
-parser.add_argument("--seconds", type=float, default=6.0, help="audio seconds each client streams")
-parser.add_argument("--modes", nargs="+", choices=["slots", "per-stream"], default=["slots", "per-stream"])
+parser.add_argument("--presets", nargs="+", choices=["16khz", "24khz", "44khz"], default=["16khz", "24khz", "44khz"])
+parser.add_argument("--streams", nargs="+", type=int, default=[1, 2, 3, 4])
+parser.add_argument("--pushes", nargs="+", type=int, default=[1, 4, 16])
+parser.add_argument("--seconds", type=float, default=4.0, help="audio seconds each client streams")
+parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
+parser.add_argument("--quick", action="store_true", help="16khz, 4-frame pushes, 1 2 3 streams")
 parser.add_argument("--port", type=int, default=8765)
 parser.add_argument("--out", default="benchmarks/results/serve_cpu")
 parser.add_argument("--grouping-only", action="store_true",
-                    help="only time how a tick handles different push sizes (in process, no server)")
+                    help="only time how a tick handles different push sizes (in process, no server; first preset)")
 SEED = 0
 P99_LIMIT_S = 0.3
+LAG_LIMIT_S = 1.0  # a client this far behind its real-time schedule cannot recover within a short run
+OFFLINE_SECONDS = 10.0
 
 
-def start_server(preset: str, slots: int, batching: bool, port: int) -> subprocess.Popen:
+def start_server(preset: str, slots: int, mode: str, port: int) -> subprocess.Popen:
     argv = [sys.executable, "-m", "dac_fast", "serve", "--model", preset, "--random-weights", "--seed", str(SEED),
-            "--port", str(port), "--slots", str(slots), "--queue", "0", "--max-message-bytes", str(1 << 22)]
-    if not batching:
-        argv.append("--no-slot-batching")
+            "--port", str(port), "--slots", str(slots), "--queue", "0", "--max-message-bytes", str(1 << 22),
+            "--decode-mode", mode]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -77,13 +87,16 @@ async def client_run(url: str, codes: np.ndarray, push: int, frame_rate: float, 
     start = time.perf_counter()
     latencies, outs = [], []
     first_audio = playing_since = None
-    received = underruns = 0
+    received = underruns = pushed = 0
     buffer_s = push / frame_rate  # the player starts once it holds one push of audio (its jitter buffer)
     for begin in range(0, codes.shape[1], push):
         due = start + begin / frame_rate
+        if time.perf_counter() - due > LAG_LIMIT_S:
+            break  # fell behind: end the stream with what was pushed
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
         sent = time.perf_counter()
         audio = await session.push(codes[:, begin : begin + push])
+        pushed = min(codes.shape[1], begin + push)
         now = time.perf_counter()
         latencies.append(now - sent)
         if playing_since is not None and received / sample_rate < now - playing_since:
@@ -97,7 +110,7 @@ async def client_run(url: str, codes: np.ndarray, push: int, frame_rate: float, 
         outs.append(audio)
     outs.append(await session.end())
     return {"latencies": latencies, "ttfa": (first_audio or time.perf_counter()) - start, "underruns": underruns,
-            "audio": np.concatenate(outs)}
+            "frames": pushed, "audio": np.concatenate(outs)}
 
 
 async def point(url: str, clips: list, push: int, frame_rate: float, sample_rate: int) -> list:
@@ -131,89 +144,167 @@ def grouping(model, slots: int = 4, rounds: int = 7) -> list:
     return [{"tick": name, "slots": slots, "ms": float(np.median(t))} for name, t in times.items()]
 
 
-def main():
-    args = parser.parse_args()
-    model = DacModel.from_preset(args.preset, seed=SEED)
-    if args.grouping_only:
-        for row in grouping(model):
-            print(json.dumps(row))
-        return
+def frames_per_second(config) -> float:
+    return config.sampling_rate / config.hop_length  # exact (config.frame_rate rounds 44khz's 86.13 up)
+
+
+class Reference:
+    """``model.decode`` of each client's codes (or of the frames it pushed before falling behind), cached."""
+
+    def __init__(self, model, clips: list):
+        self.model, self.clips, self.cache = model, clips, {}
+
+    def error(self, index: int, result: dict) -> float:
+        key = (index, result["frames"])
+        if key not in self.cache:
+            codes = torch.from_numpy(self.clips[index][:, : result["frames"]])[None]
+            with torch.inference_mode():
+                self.cache[key] = self.model.decode(audio_codes=codes).audio_values[0].numpy()
+        expected = self.cache[key]
+        if result["audio"].shape != expected.shape:
+            return float("inf")
+        return float(np.abs(result["audio"] - expected).max())
+
+
+def offline_rtf(model, rng) -> float:
+    """Seconds of compute per second of audio for one warm ``OFFLINE_SECONDS`` decode."""
     config = model.config
-    frame_rate = config.sampling_rate / config.hop_length
-    frames = int(args.seconds * frame_rate)
-    rng = np.random.default_rng(1)
-    clips = [rng.integers(0, config.codebook_size, (config.n_codebooks, frames)) for _ in range(max(args.streams))]
+    codes = torch.from_numpy(rng.integers(0, config.codebook_size,
+                                          (1, config.n_codebooks, round(OFFLINE_SECONDS * frames_per_second(config)))))
     with torch.inference_mode():
-        expected = [model.decode(audio_codes=torch.from_numpy(c)[None]).audio_values[0].numpy() for c in clips]
-        ten = torch.from_numpy(rng.integers(0, config.codebook_size, (1, config.n_codebooks, int(10 * frame_rate))))
-        model.decode(audio_codes=ten[..., :20])
-        t0 = time.perf_counter()
-        model.decode(audio_codes=ten)
-        offline_rtf = (time.perf_counter() - t0) / 10
+        model.decode(audio_codes=codes[..., :20])
+        start = time.perf_counter()
+        model.decode(audio_codes=codes)
+    return (time.perf_counter() - start) / OFFLINE_SECONDS
+
+
+def measure(proc, url: str, clips: list, push: int, reference: Reference, seconds: float) -> dict:
+    """One point: ``len(clips)`` clients streaming at once."""
+    config = reference.model.config
+    cpu0 = cpu_seconds(proc.pid)
+    frame_rate = frames_per_second(config)
+    results = asyncio.run(point(url, clips, push, frame_rate, config.sampling_rate))
+    cpu = cpu_seconds(proc.pid) - cpu0
+    latencies = np.concatenate([r["latencies"] for r in results])
+    streamed_s = sum(r["frames"] for r in results) / frame_rate
+    return {"push": push, "streams": len(clips), "ttfa_ms": 1000 * float(np.median([r["ttfa"] for r in results])),
+            "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+            "p99_ms": 1000 * float(np.percentile(latencies, 99)),
+            "underruns": int(sum(r["underruns"] for r in results)),
+            "fell_behind": any(r["frames"] < c.shape[1] for r, c in zip(results, clips)),
+            "cpu_per_stream": cpu / max(streamed_s, 1e-9),
+            "max_abs_error": max(reference.error(i, r) for i, r in enumerate(results))}
+
+
+def bench_preset(args, preset: str) -> tuple[list, dict]:
+    model = DacModel.from_preset(preset, seed=SEED)
+    config = model.config
+    rng = np.random.default_rng(1)
+    frames = round(args.seconds * frames_per_second(config))
+    clips = [rng.integers(0, config.codebook_size, (config.n_codebooks, frames)) for _ in range(max(args.streams))]
+    reference = Reference(model, clips)
+    rtf = offline_rtf(model, rng)
     rows = []
     for mode in args.modes:
-        proc = start_server(args.preset, max(args.streams), mode == "slots", args.port)
+        proc = start_server(preset, max(args.streams), mode, args.port)
         url = f"http://127.0.0.1:{args.port}"
         try:
             asyncio.run(point(url, clips[:1], 4, 1e9, config.sampling_rate))  # warm-up, not timed
             for push in args.pushes:
-                for n in args.streams:
-                    cpu0 = cpu_seconds(proc.pid)
-                    results = asyncio.run(point(url, clips[:n], push, frame_rate, config.sampling_rate))
-                    cpu = cpu_seconds(proc.pid) - cpu0
-                    latencies = np.concatenate([r["latencies"] for r in results])
-                    error = max(float(np.abs(r["audio"] - e).max()) for r, e in zip(results, expected))
-                    rows.append({"mode": mode, "push": push, "streams": n,
-                                 "ttfa_ms": 1000 * float(np.median([r["ttfa"] for r in results])),
-                                 "p50_ms": 1000 * float(np.percentile(latencies, 50)),
-                                 "p99_ms": 1000 * float(np.percentile(latencies, 99)),
-                                 "underruns": int(sum(r["underruns"] for r in results)),
-                                 "cpu_per_stream": cpu / n / args.seconds, "max_abs_error": error})
+                for n in sorted(args.streams):
+                    rows.append({"preset": preset, "mode": mode,
+                                 **measure(proc, url, clips[:n], push, reference, args.seconds)})
                     print(json.dumps(rows[-1]), flush=True)
+                    if rows[-1]["fell_behind"]:
+                        break  # more streams can only fall further behind
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
+    return rows, {"offline_rtf": rtf, "offline_streams_ceiling": 1 / rtf}
+
+
+def most_held(rows: list) -> dict:
+    """(preset, mode, push) -> the most streams with p99 < 300 ms and no underruns (0: not even one)."""
     held = {}
     for row in rows:
-        ok = row["p99_ms"] < 1000 * P99_LIMIT_S and row["underruns"] == 0
-        key = (row["mode"], row["push"])
+        ok = row["p99_ms"] < 1000 * P99_LIMIT_S and row["underruns"] == 0 and not row["fell_behind"]
+        key = (row["preset"], row["mode"], row["push"])
         held[key] = max(held.get(key, 0), row["streams"] if ok else 0)
-    meta = {"preset": args.preset, "seconds": args.seconds, "offline_rtf": offline_rtf,
-            "offline_streams_ceiling": 1 / offline_rtf, "torch_threads": torch.get_num_threads(),
-            "held": {f"{m}/{p}": v for (m, p), v in held.items()}}
-    lines = [f"# bench_serve: {args.preset}, {args.seconds:g} s per client, real-time pace",
-             "", f"Offline decode RTF {offline_rtf:.3f} (ceiling {1 / offline_rtf:.1f} real-time streams).", "",
-             "| mode | push | streams | TTFA ms | p50 ms | p99 ms | underruns | CPU s / stream-s | max abs err |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['mode']} | {r['push']} | {r['streams']} | {r['ttfa_ms']:.0f} | {r['p50_ms']:.0f} | "
-              f"{r['p99_ms']:.0f} | {r['underruns']} | {r['cpu_per_stream']:.2f} | {r['max_abs_error']:.1e} |"
-              for r in rows]
-    lines += ["", "Most streams held (p99 < 300 ms, no underruns): "
-              + ", ".join(f"{m} push {p}: {v}" for (m, p), v in held.items())]
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    with open(args.out + ".json", "w") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=1)
-    print("\n".join(lines))
+    return held
+
+
+def markdown(args, rows: list, ceilings: dict, held: dict) -> str:
+    lines = [f"# bench_serve: {args.seconds:g} s per client, real-time pace", ""]
+    lines += [f"- {preset}: offline decode RTF {c['offline_rtf']:.3f} (ceiling {c['offline_streams_ceiling']:.1f} "
+              "real-time streams)" for preset, c in ceilings.items()]
+    lines += ["", "| preset | mode | push | streams | TTFA ms | p50 ms | p99 ms | underruns | CPU s / stream-s "
+              "| max abs err |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['preset']} | {r['mode']} | {r['push']} | {r['streams']}{' (fell behind)' * r['fell_behind']} | "
+              f"{r['ttfa_ms']:.0f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['underruns']} | "
+              f"{r['cpu_per_stream']:.2f} | {r['max_abs_error']:.1e} |" for r in rows]
+    lines += ["", "Most streams held (p99 < 300 ms, no underruns):", "",
+              "| preset | push | " + " | ".join(args.modes) + " |", "|---|---:|" + "---:|" * len(args.modes)]
+    for preset in ceilings:
+        for push in args.pushes:
+            lines.append(f"| {preset} | {push} | "
+                         + " | ".join(str(held.get((preset, m, push), "-")) for m in args.modes) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list, preset: str, path: str) -> str:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (mode, push) in held:
-        points = [r for r in rows if r["mode"] == mode and r["push"] == push]
-        ax.plot([r["streams"] for r in points], [r["p99_ms"] for r in points], marker="o", label=f"{mode}, push {push}")
+        return "PNG skipped: matplotlib is not installed"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = sorted({(r["mode"], r["push"]) for r in rows if r["preset"] == preset}, key=lambda k: (k[1], k[0]))
+    for mode, push in lines:
+        points = [r for r in rows if (r["preset"], r["mode"], r["push"]) == (preset, mode, push)]
+        ax.plot([r["streams"] for r in points], [r["p99_ms"] for r in points], marker="o",
+                linestyle={"slots": "-", "per-stream": "--", "windows": ":"}[mode], label=f"{mode}, push {push}")
     ax.axhline(1000 * P99_LIMIT_S, color="grey", linestyle="--", linewidth=1)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("concurrent real-time streams")
     ax.set_ylabel("push latency p99 (ms)")
-    ax.set_title(f"dac-fast serve, {args.preset}")
-    ax.legend()
+    ax.set_title(f"dac-fast serve, {preset}")
+    ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(args.out + ".png")
+    fig.savefig(path)
+    plt.close(fig)
+    return f"PNG: {path}"
+
+
+def main():
+    args = parser.parse_args()
+    if args.quick:
+        args.presets, args.pushes, args.streams = ["16khz"], [4], [1, 2, 3]
+    if args.grouping_only:
+        for row in grouping(DacModel.from_preset(args.presets[0], seed=SEED)):
+            print(json.dumps(row))
+        return
+    rows, ceilings = [], {}
+    for preset in args.presets:
+        preset_rows, ceilings[preset] = bench_preset(args, preset)
+        rows += preset_rows
+    held = most_held(rows)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+            "seconds": args.seconds, "ceilings": ceilings,
+            "held": {f"{p}/{m}/{push}": v for (p, m, push), v in held.items()}}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as fh:
+        json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    table = markdown(args, rows, ceilings, held)
+    notes = [plot(rows, preset, f"{args.out}_{preset}.png") for preset in args.presets]
+    with open(args.out + ".md", "w") as fh:
+        fh.write(table + "\n\n" + "\n".join(notes) + "\n")
+    print(table)
+    print("\n".join(notes))
 
 
 if __name__ == "__main__":

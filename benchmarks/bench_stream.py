@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dac_fast import DacModel  # noqa: E402
 from dac_fast.runtime import tune_allocator  # noqa: E402
+from dac_fast.serving.windows import decode_windows  # noqa: E402
 from tests.reference import synth_audio  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,18 +107,15 @@ def run_growing(model, codes, step: int):
     return torch.cat(outs, -1), times
 
 
-def run_sliding(model, codes, new: int = 7, left: int = 7, right: int = 14):
-    """Orpheus / audio.cpp style: windows of left + new + right frames, each emitting its middle frames."""
-    hop = model.config.hop_length
-    n = codes.shape[-1]
+def run_sliding(model, codes):
+    """Orpheus / audio.cpp style (``dac_fast.serving.windows``): windows of 7 left + 7 new + 14 right frames,
+    each emitting its new frames' audio."""
     outs, times = [], []
-    for first in range(0, n, new):
-        lo, hi = max(0, first - left), min(n, first + new + right)
-        t = time.perf_counter()
-        audio = model.decode(audio_codes=codes[..., lo:hi]).audio_values
-        end = audio.shape[-1] if hi == n and first + new >= n else (first + new - lo) * hop
-        outs.append(audio[..., (first - lo) * hop : end])
-        times.append(time.perf_counter() - t)
+    start = time.perf_counter()
+    for samples in decode_windows(model, codes):
+        outs.append(samples)
+        times.append(time.perf_counter() - start)
+        start = time.perf_counter()
     return torch.cat(outs, -1), times
 
 

@@ -128,6 +128,22 @@ class _Slots:
             self._states[slot] = state
 
 
+def check_slot_codes(model: DacModel, slot: int, codes, known_codebooks: int | None) -> torch.Tensor:
+    """One slot's codes (n, f) validated against ``model`` and the codebook count of the slot's earlier pushes
+    (None: no push yet) -> (1, n, f) int64 on the model's device. Raises TypeError/ValueError naming the slot."""
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
+        shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise ValueError(f"slot {slot}: codes must be a tensor of shape (n_codebooks, frames), got {shape}")
+    try:
+        codes = check_codes(codes[None], model.config)[0]
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"slot {slot}: {exc}") from None
+    if known_codebooks is not None and codes.shape[0] != known_codebooks:
+        raise ValueError(f"slot {slot}: codes have {codes.shape[0]} codebooks; its earlier pushes had "
+                         f"{known_codebooks}")
+    return codes[None].to(model.device)
+
+
 class SlotDecoder(_Slots):
     """Decode up to ``slots`` independent code streams; ``push(codes, active=)`` advances any subset at once.
 
@@ -152,17 +168,7 @@ class SlotDecoder(_Slots):
     def check_input(self, slot: int, codes) -> torch.Tensor:
         """One slot's codes (n, f) validated against the model and the slot's earlier pushes -> (1, n, f) on the
         model's device. Raises TypeError/ValueError naming the slot."""
-        if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
-            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
-            raise ValueError(f"slot {slot}: codes must be a tensor of shape (n_codebooks, frames), got {shape}")
-        try:
-            codes = check_codes(codes[None], self.config)[0]
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"slot {slot}: {exc}") from None
-        known = self._states[slot].n_codebooks
-        if known is not None and codes.shape[0] != known:
-            raise ValueError(f"slot {slot}: codes have {codes.shape[0]} codebooks; its earlier pushes had {known}")
-        return codes[None].to(self.model.device)
+        return check_slot_codes(self.model, slot, codes, self._states[slot].n_codebooks)
 
     def push(self, audio_codes, active=None) -> list:
         """``audio_codes``: a tensor (slots, n, f) or a sequence of ``slots`` per-slot tensors (n, f_i) or None.

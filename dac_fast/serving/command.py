@@ -40,8 +40,10 @@ def add_serve_parser(sub) -> None:
                    help="replies waiting for a slow client before it is dropped with 1008 (default: 32)")
     p.add_argument("--send-timeout", type=float, default=10.0, metavar="S",
                    help="seconds a reply may wait for a client that does not read (default: 10)")
-    p.add_argument("--no-slot-batching", dest="slot_batching", action="store_false",
-                   help="run each stream's push as its own model call (a baseline for benchmarks)")
+    p.add_argument("--decode-mode", choices=["slots", "per-stream", "windows"], default="slots",
+                   help="decode streams: slots (default; exact, a tick's pushes in one batched step), per-stream "
+                        "(exact, each push its own model call) or windows (Orpheus-style 28-frame windows per 7 "
+                        "new frames, inexact at the seams); the last two are baselines for benchmarks")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA: steady decode ticks replay a graph recorded per slot count in use")
     p.add_argument("--coalesce", type=int, default=4, metavar="N",
@@ -87,7 +89,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.model in PRESET_NAMES and not args.random_weights:
         return fail(f"--model {args.model} is a preset with RANDOM weights: add --random-weights to use it")
     scheduler_options = dict(decode_slots=args.slots, encode_slots=args.encode_slots, waiting=args.queue,
-                             batch_streams=args.slot_batching, cuda_graphs=args.cuda_graphs,
+                             decode_mode=args.decode_mode, cuda_graphs=args.cuda_graphs,
                              coalesce=args.coalesce, gather_s=args.gather_ms / 1000)
     app_options = dict(token=args.token, max_message_bytes=args.max_message_bytes,
                        max_stream_seconds=args.max_stream_seconds, outbox=args.outbox, send_timeout=args.send_timeout)

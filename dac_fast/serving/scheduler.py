@@ -35,6 +35,11 @@ from ..checks import check_codes, check_stream_samples
 from ..modeling import DacModel
 from ..tiles import decoded_length
 from ..slots import SlotDecoder, SlotEncoder
+from .windows import WindowDecoder
+
+# slots: exact, every stream's push of a tick in one batched step; per-stream: exact, one step per stream's push
+# (a baseline); windows: Orpheus-style overlapping windows, inexact at the seams (a baseline, see windows.py)
+DECODE_MODES = ("slots", "per-stream", "windows")
 
 
 class Busy(RuntimeError):
@@ -146,7 +151,7 @@ class Scheduler:
 
     def __init__(self, model: DacModel, decode_slots: int = 8, encode_slots: int = 4, waiting: int = 8,
                  max_pending: int = 16, offline_batch: int = 8, offline_queue: int = 32,
-                 n_quantizers: int | None = None, batch_streams: bool = True, cuda_graphs: bool = False,
+                 n_quantizers: int | None = None, decode_mode: str = "slots", cuda_graphs: bool = False,
                  coalesce: int = 4, gather_s: float = 0.005):
         for name, value in (("decode_slots", decode_slots), ("encode_slots", encode_slots), ("waiting", waiting),
                             ("max_pending", max_pending), ("offline_batch", offline_batch),
@@ -154,6 +159,8 @@ class Scheduler:
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if "slots" in name else 0):
                 raise ValueError(f"{name} must be a {'positive' if 'slots' in name else 'non-negative'} integer, "
                                  f"got {value!r}")
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {decode_mode!r}")
         if isinstance(coalesce, bool) or not isinstance(coalesce, int) or coalesce < 1:
             raise ValueError(f"coalesce must be a positive integer (1: never merge a stream's queued pushes), "
                              f"got {coalesce!r}")
@@ -161,8 +168,9 @@ class Scheduler:
             raise ValueError(f"gather_s must be a number of seconds in [0, 1], got {gather_s!r}")
         self.coalesce, self.gather_s = coalesce, float(gather_s)
         self.model = model.eval()
-        self.batch_streams = batch_streams  # False: each stream's push is its own model call (a baseline)
-        self.lanes = {"decode": _Lane(self, "decode", SlotDecoder(model, decode_slots, cuda_graphs)),
+        self.batch_streams = decode_mode != "per-stream"  # per-stream: each push its own model call (a baseline)
+        decoder = (WindowDecoder if decode_mode == "windows" else SlotDecoder)(model, decode_slots, cuda_graphs)
+        self.lanes = {"decode": _Lane(self, "decode", decoder),
                       "encode": _Lane(self, "encode", SlotEncoder(model, encode_slots, n_quantizers))}
         self.waiting_limit, self.max_pending = waiting, max_pending
         self.offline_batch, self.offline_queue = offline_batch, offline_queue
