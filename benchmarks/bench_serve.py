@@ -9,12 +9,13 @@ all due windows of a tick batched; inexact at the seams).
 
 Per preset and mode a server process starts (seeded random weights, fp32, ``--slots`` = the largest stream
 count); for each push size and stream count N, N clients connect at once and push codes at real-time pace (a
-push of f frames every f / frame_rate seconds) for ``--seconds``. Per point: time to first audio (median over
+push of f frames every f / frame_rate seconds, pipelined: a client sends its codes as they come, as a TTS front
+end does, and reads the replies as they arrive) for ``--seconds``. Per point: time to first audio (median over
 clients), per-push latency p50/p99 (send to reply), underruns (stalls of a player that starts once it holds one
 push of audio and resumes after each stall; summed over clients), the server's CPU seconds per second of
 streamed audio, and the max abs difference of each client's audio against ``model.decode`` of the codes it
-pushed (fp32 rounding for the exact modes, the seams for windows). A client more than ``LAG_LIMIT_S`` behind
-its schedule stops pushing and ends its stream (the point "fell behind"); larger stream counts of that
+pushed (fp32 rounding for the exact modes, the seams for windows). A client whose oldest unanswered push is more than
+``LAG_LIMIT_S`` old stops pushing and ends its stream (the point "fell behind"); larger stream counts of that
 (preset, mode, push) are skipped, as they can only do worse. Most streams held per (preset, mode, push): the
 largest N with p99 < 300 ms and no underruns. Offline decode throughput (1 / RTF of one 10 s decode) per preset
 is the ceiling.
@@ -83,22 +84,34 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def client_run(url: str, codes: np.ndarray, push: int, frame_rate: float, sample_rate: int) -> dict:
+    """One client as a TTS front end runs it: codes are sent as they come (a push every push / frame_rate
+    seconds, not waiting for replies: pipelined), replies are read as they arrive and played."""
     session = await Client(url).decode_stream()
     start = time.perf_counter()
-    latencies, outs = [], []
+    sent_at, latencies, outs = [], [], []
+    state = {"pushed": 0}
+
+    async def send():
+        for begin in range(0, codes.shape[1], push):
+            due = start + begin / frame_rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            if len(sent_at) > len(latencies) and time.perf_counter() - sent_at[len(latencies)] > LAG_LIMIT_S:
+                break  # the server fell behind: end the stream with what was pushed
+            sent_at.append(time.perf_counter())
+            await session.send(codes[:, begin : begin + push])
+            state["pushed"] = min(codes.shape[1], begin + push)
+
+    sender = asyncio.ensure_future(send())
     first_audio = playing_since = None
-    received = underruns = pushed = 0
+    received = underruns = 0
     buffer_s = push / frame_rate  # the player starts once it holds one push of audio (its jitter buffer)
-    for begin in range(0, codes.shape[1], push):
-        due = start + begin / frame_rate
-        if time.perf_counter() - due > LAG_LIMIT_S:
-            break  # fell behind: end the stream with what was pushed
-        await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        sent = time.perf_counter()
-        audio = await session.push(codes[:, begin : begin + push])
-        pushed = min(codes.shape[1], begin + push)
+    while not (sender.done() and len(latencies) == len(sent_at)):
+        if len(latencies) == len(sent_at):  # nothing in flight: wait for the next send
+            await asyncio.sleep(0.001)
+            continue
+        audio = await session.receive()
         now = time.perf_counter()
-        latencies.append(now - sent)
+        latencies.append(now - sent_at[len(latencies)])
         if playing_since is not None and received / sample_rate < now - playing_since:
             underruns += 1  # playback ran dry before this reply came: a stall; it resumes from here
             playing_since = now - received / sample_rate
@@ -108,9 +121,10 @@ async def client_run(url: str, codes: np.ndarray, push: int, frame_rate: float, 
         if playing_since is None and received / sample_rate >= buffer_s:
             playing_since = now
         outs.append(audio)
+    await sender
     outs.append(await session.end())
     return {"latencies": latencies, "ttfa": (first_audio or time.perf_counter()) - start, "underruns": underruns,
-            "frames": pushed, "audio": np.concatenate(outs)}
+            "frames": state["pushed"], "audio": np.concatenate(outs)}
 
 
 async def point(url: str, clips: list, push: int, frame_rate: float, sample_rate: int) -> list:

@@ -112,7 +112,8 @@ def test_pipelined_pushes_each_get_their_own_reply_in_order(server):
     whole exact; a bad push in the pipeline closes only that stream with 1007."""
     from dac_fast.slots import SlotDecoder
 
-    sizes = [1, 2, 3, 1, 4, 2, 2, 1, 3, 1, 1, 2, 4, 1, 1, 2, 3, 1, 1, 2]
+    sizes = [1, 2, 3, 1, 4, 2, 2, 1, 3, 1, 1, 2, 4, 1, 1, 2, 3, 1, 1, 2, 1, 1, 2, 1, 3]
+    assert len(sizes) > server.scheduler.max_pending
     codes = codes_for(11, sum(sizes))
     final = SlotDecoder(server.model, 1).final_outputs
     edges = np.cumsum([0, *sizes])
@@ -131,7 +132,11 @@ def test_pipelined_pushes_each_get_their_own_reply_in_order(server):
                 await bad.receive()
         return replies, rest, closed.value
 
-    replies, rest, closed = asyncio.run(main())
+    server.scheduler.fault = lambda kind: time.sleep(0.05)  # slow ticks: the pushes pile up beyond max_pending
+    try:
+        replies, rest, closed = asyncio.run(main())
+    finally:
+        server.scheduler.fault = None
     assert [r.size for r in replies] == [final(b) - final(a) for a, b in zip(edges[:-1], edges[1:])]
     audio = np.concatenate([*replies, rest])
     assert np.abs(audio - expected_audio(server.model, codes)).max() <= ATOL

@@ -66,8 +66,10 @@ class _Session:
         self.stop = asyncio.Event()  # set when the server drains
         self.pushed = 0  # frames or samples
         self.stream = None  # the scheduler's stream, once a slot is ours
-        # pushes read ahead, answered in order by reply_loop; bounded so the scheduler never refuses one
-        self.inflight: asyncio.Queue = asyncio.Queue(max(1, app_state.scheduler.max_pending - 1))
+        # pushes read ahead, answered in order by reply_loop; at most the scheduler's max_pending unanswered, so
+        # it never refuses one (beyond that the server stops reading: TCP backpressure)
+        self.inflight: asyncio.Queue = asyncio.Queue()
+        self.room = asyncio.Semaphore(app_state.scheduler.max_pending)
         self.failure: asyncio.Future = asyncio.get_running_loop().create_future()  # set by reply_loop
 
     def parse_start(self, text: str) -> dict:
@@ -159,11 +161,12 @@ class _Session:
             if len(message["bytes"]) > self.state.max_message:
                 raise ProtocolError(1009, f"a message may hold at most {self.state.max_message} bytes")
             value = self.parse_push(message["bytes"])
+            await self.or_failure(self.room.acquire())
             try:
                 future = self.stream.submit(value)
             except (TypeError, ValueError) as exc:
                 raise ProtocolError(1007, str(exc)) from None
-            await self.or_failure(self.inflight.put(future))
+            self.inflight.put_nowait(future)
         try:
             end = json.loads(message.get("text") or "")
         except json.JSONDecodeError:
@@ -180,6 +183,7 @@ class _Session:
         try:
             while (future := await self.inflight.get()) is not None:
                 await self.reply_soon(self.encode_reply(await future))
+                self.room.release()
         except Exception as exc:
             self.failure.set_exception(exc)
 
