@@ -112,26 +112,33 @@ def test_concurrent_calls_from_threads():
     xs = [torch.from_numpy(synth_audio(16000 * 2 + 31 * k, 16000, seed=k))[None, None] for k in range(4)]
     with torch.inference_mode():
         expected = [ours.encode(x, tile_frames=30).audio_codes for x in xs]
-    results = [None] * len(xs)
-    errors = []
 
     def work(k):
+        with torch.inference_mode():
+            return [ours.encode(xs[k], tile_frames=30).audio_codes for _ in range(2)][-1]
+
+    for got, want in zip(in_threads(work, len(xs)), expected):
+        assert torch.equal(got, want)
+    assert C.buffer_cache_bytes() == 0
+
+
+def in_threads(work, n: int) -> list:
+    """[work(k) for k < n], each call in its own thread, all at once; fails on any thread's exception."""
+    results, errors = [None] * n, []
+
+    def run(k):
         try:
-            with torch.inference_mode():
-                for _ in range(2):
-                    results[k] = ours.encode(xs[k], tile_frames=30).audio_codes
+            results[k] = work(k)
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(xs))]
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
-    for got, want in zip(results, expected):
-        assert torch.equal(got, want)
-    assert C.buffer_cache_bytes() == 0
+    return results
 
 
 # ----------------------------------------------------------------------------- streaming objects hold the cache
@@ -230,20 +237,10 @@ def test_streams_in_threads_share_the_cache_safely(no_open_scope):
     xs = [torch.from_numpy(synth_audio(9000 + 997 * k, 16000, seed=20 + k))[None, None] for k in range(3)]
     with torch.inference_mode():
         expected = [ours.encode(x).audio_codes for x in xs]
-    results, errors = [None] * len(xs), []
 
     def work(k):
-        try:
-            results[k] = _stream_pieces(ours.streaming_encoder(), xs[k], [700 + 13 * k, 1500])[0]
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        return _stream_pieces(ours.streaming_encoder(), xs[k], [700 + 13 * k, 1500])[0]
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(xs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for got, want in zip(results, expected):
+    for got, want in zip(in_threads(work, len(xs)), expected):
         assert torch.equal(got, want)
     assert C.buffer_cache_bytes() == 0
