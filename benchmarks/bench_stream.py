@@ -1,8 +1,8 @@
 """Streaming decode and encode against one offline call and against the window approaches in use today.
 
     python benchmarks/bench_stream.py [--presets 44khz 24khz 16khz] [--seconds 20] [--pushes 1 4 16 64]
-                                      [--growing-seconds S] [--allocator tuned|default|both] [--quick]
-                                      [--out benchmarks/results/stream_cpu]
+                                      [--growing-seconds S] [--allocator tuned|default|both] [--rounds R]
+                                      [--stream-only] [--quick] [--out benchmarks/results/stream_cpu]
 
 For each preset (seeded random weights in the real shapes, batch 1, fp32, the same codes for every approach):
 
@@ -25,7 +25,9 @@ each ratio against its own offline call, the median round reported and every rou
 (``dac_fast.runtime.tune_allocator``), for every approach alike; ``default`` leaves glibc's settings alone.
 ``--allocator both``: mallopt is process-wide, so each preset runs in two child processes, default then tuned,
 only the offline decode and the stream rows, ``--rounds`` each; OUT.md gets, per push size, the default/tuned
-ratio of the streaming cost (the median round's push and flush seconds) with the load average around each child.
+ratio of the streaming cost (the median round's push and flush seconds), minor page faults per push, and the
+1-minute load average at each child's start. On a shared machine run it with OMP_NUM_THREADS=1: torch threads
+that wait for cores others hold spin, and a stream's time then varies many-fold from run to run.
 
 ``--quick``: 44khz only, pushes 4/16/64. Writes OUT.md, OUT.json and (with matplotlib) OUT.png.
 """
