@@ -1,8 +1,8 @@
 """Streaming decode and encode against one offline call and against the window approaches in use today.
 
     python benchmarks/bench_stream.py [--presets 44khz 24khz 16khz] [--seconds 20] [--pushes 1 4 16 64]
-                                      [--growing-seconds S] [--allocator tuned|default] [--quick]
-                                      [--out benchmarks/results/stream_cpu]
+                                      [--growing-seconds S] [--allocator tuned|default|both] [--rounds R]
+                                      [--stream-only] [--quick] [--out benchmarks/results/stream_cpu]
 
 For each preset (seeded random weights in the real shapes, batch 1, fp32, the same codes for every approach):
 
@@ -22,7 +22,12 @@ timed runs), the offline decode and encode as the best of two calls (conservativ
 each stream once (``--rounds R``: R rounds per push size of one offline decode and the stream back to back,
 each ratio against its own offline call, the median round reported and every round's ratio in the JSON);
 ``--allocator tuned`` (default) sets glibc's allocator as the CLI does
-(``dac_fast.runtime.tune_allocator``), for every approach alike.
+(``dac_fast.runtime.tune_allocator``), for every approach alike; ``default`` leaves glibc's settings alone.
+``--allocator both``: mallopt is process-wide, so each preset runs in two child processes, default then tuned,
+only the offline decode and the stream rows, ``--rounds`` each; OUT.md gets, per push size, the default/tuned
+ratio of the streaming cost (the median round's push and flush seconds), minor page faults per push, and the
+1-minute load average at each child's start. On a shared machine run it with OMP_NUM_THREADS=1: torch threads
+that wait for cores others hold spin, and a stream's time then varies many-fold from run to run.
 
 ``--quick``: 44khz only, pushes 4/16/64. Writes OUT.md, OUT.json and (with matplotlib) OUT.png.
 """
@@ -31,17 +36,13 @@ import argparse
 import json
 import math
 import os
+import resource
+import subprocess
 import sys
 import time
 
-import numpy as np
-import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dac_fast import DacModel  # noqa: E402
-from dac_fast.runtime import tune_allocator  # noqa: E402
-from dac_fast.serving.windows import decode_windows  # noqa: E402
-from tests.reference import synth_audio  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--presets", nargs="+", default=["44khz", "24khz", "16khz"])
@@ -50,7 +51,9 @@ parser.add_argument("--pushes", nargs="+", type=int, default=[1, 4, 16, 64])
 parser.add_argument("--window-step", type=int, default=16, help="new frames per Parler-style re-decode")
 parser.add_argument("--growing-seconds", type=float, default=None,
                     help="run the (quadratic) Parler-style baseline on the first S seconds only")
-parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned")
+parser.add_argument("--allocator", choices=["tuned", "default", "both"], default="tuned")
+parser.add_argument("--stream-only", action="store_true",
+                    help="only the offline decode and the stream rows (what --allocator both compares)")
 parser.add_argument("--rounds", type=int, default=1,
                     help="stream rows: rounds of (offline decode, stream) back to back; the median round's ratio")
 parser.add_argument("--quick", action="store_true")
@@ -58,6 +61,18 @@ parser.add_argument("--out", default="benchmarks/results/stream_cpu")
 args = parser.parse_args()
 if args.quick:
     args.presets, args.pushes = ["44khz"], [4, 16, 64]
+
+if args.allocator != "both":
+    from dac_fast.runtime import allocator_setting  # imports no torch: mallopt before torch allocates
+
+    ALLOCATOR = allocator_setting(args.allocator)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dac_fast import DacModel  # noqa: E402
+from dac_fast.serving.windows import decode_windows  # noqa: E402
+from tests.reference import synth_audio  # noqa: E402
 
 
 def error_stats(audio: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -87,8 +102,15 @@ def run_pushes(stream, inputs, push: int):
     return torch.cat(outs, -1), times
 
 
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def run_stream(model, codes, push: int):
-    return run_pushes(model.streaming_decoder(), codes, push)
+    """The streaming decoder at ``push``-frame pushes: (audio, the time of each call, minor page faults)."""
+    faults = minor_faults()
+    out, times = run_pushes(model.streaming_decoder(), codes, push)
+    return out, times, minor_faults() - faults
 
 
 def run_growing(model, codes, step: int):
@@ -136,20 +158,21 @@ def best_of_two(call):
 def paired_rounds(model, codes, push: int, decode_s: float):
     """The stream at ``push``-frame pushes. With --rounds R > 1: R rounds of (one offline decode, the stream)
     back to back, each stream timed against the offline call just before it; returns the median round's
-    (audio, push times, offline seconds) and every round's ratio. With R = 1: one stream against ``decode_s``."""
+    (audio, push times, offline seconds, minor page faults) and every round's ratio. With R = 1: one stream
+    against ``decode_s``."""
     if args.rounds <= 1:
-        out, times = run_stream(model, codes, push)
-        return out, times, decode_s, [sum(times) / decode_s]
+        out, times, faults = run_stream(model, codes, push)
+        return out, times, decode_s, faults, [sum(times) / decode_s]
     rounds = []
     for _ in range(args.rounds):
         t = time.perf_counter()
         model.decode(audio_codes=codes)
         offline_s = time.perf_counter() - t
-        out, times = run_stream(model, codes, push)
-        rounds.append((sum(times) / offline_s, offline_s, out, times))
+        out, times, faults = run_stream(model, codes, push)
+        rounds.append((sum(times) / offline_s, offline_s, out, times, faults))
     rounds.sort(key=lambda r: r[0])
-    ratio, offline_s, out, times = rounds[len(rounds) // 2]
-    return out, times, offline_s, [round(r[0], 3) for r in rounds]
+    ratio, offline_s, out, times, faults = rounds[len(rounds) // 2]
+    return out, times, offline_s, faults, [round(r[0], 3) for r in rounds]
 
 
 def growing_row(model, codes, reference, decode_s: float, base: dict) -> dict:
@@ -183,11 +206,13 @@ def bench_preset(preset: str) -> list:
         rows.append({**base, "approach": "offline decode", "total_s": decode_s, "rtf": decode_s / duration,
                      "x_offline": 1.0, "max_abs_error": 0.0, "snr_db": math.inf})
         for push in args.pushes:
-            out, times, offline_s, ratios = paired_rounds(model, codes, push, decode_s)
-            rows.append({**base, "approach": f"dac_fast stream, {push}-frame pushes",
+            out, times, offline_s, faults, ratios = paired_rounds(model, codes, push, decode_s)
+            rows.append({**base, "approach": f"dac_fast stream, {push}-frame pushes", "minor_faults": faults,
                          **latency_stats(times, sum(times), offline_s, duration), **error_stats(out, reference),
                          **({"x_offline_rounds": ratios} if args.rounds > 1 else {})})
             print(rows[-1], flush=True)
+        if args.stream_only:
+            return rows
         rows.append(growing_row(model, codes, reference, decode_s, base))
         print(rows[-1], flush=True)
         out, times = run_sliding(model, codes)
@@ -243,14 +268,49 @@ def plot(rows: list, path: str) -> str:
     return f"PNG: {path}"
 
 
+def compare_allocators():
+    """--allocator both: each preset's offline decode and streams in a child process per setting (mallopt is
+    process-wide), default then tuned; the default/tuned ratio of each stream's cost."""
+    lines = ["| preset | push | stream s, default | stream s, tuned | default / tuned | x offline, default | "
+             "x offline, tuned | page faults per push, default / tuned | load (1 min) at start, default / tuned |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    runs = {}
+    for preset in args.presets:
+        for kind in ("default", "tuned"):
+            out = f"{args.out}_{preset}_{kind}"
+            load = os.getloadavg()[0]
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--presets", preset, "--seconds",
+                            str(args.seconds), "--pushes", *map(str, args.pushes), "--rounds", str(args.rounds),
+                            "--allocator", kind, "--stream-only", "--out", out], check=True, cwd=ROOT)
+            with open(out + ".json") as fh:
+                rows = [r for r in json.load(fh)["rows"] if "minor_faults" in r]
+            runs[preset, kind] = (load, rows)
+        (load_d, default), (load_t, tuned) = runs[preset, "default"], runs[preset, "tuned"]
+        for d, t in zip(default, tuned):
+            lines.append(f"| {preset} | {d['approach'].split(', ')[1]} | {d['total_s']:.3f} | {t['total_s']:.3f} | "
+                         f"{d['total_s'] / t['total_s']:.2f} | {d['x_offline']:.2f} | {t['x_offline']:.2f} | "
+                         f"{d['minor_faults'] / d['pushes']:.0f} / {t['minor_faults'] / t['pushes']:.0f} | "
+                         f"{load_d:.2f} / {load_t:.2f} |")
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds,
+            "load_average_at_end": os.getloadavg()}
+    with open(args.out + ".json", "w") as fh:
+        json.dump({"meta": meta, "runs": {f"{p}/{k}": rows for (p, k), (_, rows) in runs.items()}}, fh, indent=1)
+    table = "\n".join(lines)
+    with open(args.out + ".md", "w") as fh:
+        fh.write(f"{meta}\n\n{table}\n")
+    print(table)
+
+
 def main():
-    allocator = "glibc tuned (runtime.tune_allocator)" if args.allocator == "tuned" and tune_allocator() else "default"
+    if args.allocator == "both":
+        return compare_allocators()
     rows = []
     for preset in args.presets:
         rows += bench_preset(preset)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "allocator": allocator,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "allocator": ALLOCATOR,
             "load_average": os.getloadavg()}
     with open(args.out + ".json", "w") as fh:
         json.dump({"meta": meta, "rows": rows}, fh, indent=1)

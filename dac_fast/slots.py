@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import ops
 from .checks import check_codes, check_stream_samples
 from .modeling import DacModel
 from .streaming import (
     LayerStreams,
     StreamingDecoder,
     StreamingEncoder,
+    _KeepsBuffers,
     _check_batch_size,
     _check_streams,
     encode_step,
@@ -54,8 +56,9 @@ class _SlotState:
         return shapes, tuple(sorted(self.to_crop.items()))
 
 
-class _Slots:
-    """The slot bookkeeping shared by ``SlotDecoder`` and ``SlotEncoder``."""
+class _Slots(_KeepsBuffers):
+    """The slot bookkeeping shared by ``SlotDecoder`` and ``SlotEncoder``. Freed CPU buffers are kept for the next
+    push while any slot has a stream (``_KeepsBuffers``)."""
 
     def __init__(self, model: DacModel, slots: int, root, rates: dict, packed: bool):
         self.model = model
@@ -63,6 +66,7 @@ class _Slots:
         self.slots = _check_batch_size(slots)
         self._root, self._rates, self._packed = root, rates, packed
         self._states = [_SlotState() for _ in range(self.slots)]
+        self._buffers = ops.BufferCacheHold()
 
     def reset(self, streams=None) -> None:
         """Free slots: ``None`` all of them, else a bool mask (slots,) or indices. A freed slot starts a new
@@ -73,6 +77,8 @@ class _Slots:
     def _free(self, slots: list) -> None:
         for slot in slots:
             self._states[slot] = _SlotState()
+        if not any(state.pushed for state in self._states):
+            self._buffers.release()
 
     def pushed(self, slot: int) -> int:
         """Frames (decoder) or samples (encoder) pushed into ``slot`` since it was last freed."""
@@ -107,6 +113,7 @@ class _Slots:
         groups: dict = {}
         for slot, (state, x) in work.items():
             groups.setdefault((state.signature(), tuple(x.shape[1:])), []).append(slot)
+            self._buffers.hold(x)
         results = {}
         for slots in groups.values():
             states = [work[s][0] for s in slots]

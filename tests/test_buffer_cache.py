@@ -1,6 +1,7 @@
 """The CPU buffer cache (csrc/cpu/buffer_cache.cpp, dac_fast.ops.cpu_buffer_cache): reuse, scope, bounds,
 threads, and identical model outputs with it on and off."""
 
+import gc
 import threading
 
 import pytest
@@ -111,23 +112,137 @@ def test_concurrent_calls_from_threads():
     xs = [torch.from_numpy(synth_audio(16000 * 2 + 31 * k, 16000, seed=k))[None, None] for k in range(4)]
     with torch.inference_mode():
         expected = [ours.encode(x, tile_frames=30).audio_codes for x in xs]
-    results = [None] * len(xs)
-    errors = []
 
     def work(k):
+        with torch.inference_mode():
+            return [ours.encode(xs[k], tile_frames=30).audio_codes for _ in range(2)][-1]
+
+    for got, want in zip(in_threads(work, len(xs)), expected):
+        assert torch.equal(got, want)
+    assert C.buffer_cache_bytes() == 0
+
+
+def in_threads(work, n: int) -> list:
+    """[work(k) for k < n], each call in its own thread, all at once; fails on any thread's exception."""
+    results, errors = [None] * n, []
+
+    def run(k):
         try:
-            with torch.inference_mode():
-                for _ in range(2):
-                    results[k] = ours.encode(xs[k], tile_frames=30).audio_codes
+            results[k] = work(k)
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(xs))]
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
-    for got, want in zip(results, expected):
+    return results
+
+
+# ----------------------------------------------------------------------------- streaming objects hold the cache
+def _stream_pieces(stream, whole: torch.Tensor, sizes: list) -> tuple:
+    """Push ``whole`` in pieces of ``sizes`` (cycled), then flush: (concatenated output, cached bytes seen
+    after each push)."""
+    outs, cached, start, k = [], [], 0, 0
+    while start < whole.shape[-1]:
+        size = sizes[k % len(sizes)]
+        outs.append(stream.push(whole[..., start : start + size]))
+        cached.append(C.buffer_cache_bytes())
+        start, k = start + size, k + 1
+    outs.append(stream.flush())
+    return torch.cat(outs, dim=-1), cached
+
+
+@pytest.fixture
+def no_open_scope():
+    gc.collect()  # streaming objects of earlier tests release their holds when collected
+    probe = torch.empty(MB)
+    del probe  # cached only if some scope is open
+    if C.buffer_cache_bytes() != 0:
+        pytest.skip("another buffer cache scope is open in this process")
+
+
+def test_streams_keep_buffers_across_pushes_and_free_them_at_flush(no_open_scope, monkeypatch):
+    hf, ours = model_pair("16khz", seed=6)
+    x = torch.from_numpy(synth_audio(16000 + 4321, 16000, seed=8))[None, None]
+    with torch.inference_mode():
+        codes = hf.encode(x).audio_codes
+        reference = hf.decode(audio_codes=codes).audio_values
+    decoder = ours.streaming_decoder()
+    audio, cached = _stream_pieces(decoder, codes, [3, 7, 1, 5])
+    # every push after the first finds the previous pushes' freed buffers kept (a scope per push would
+    # leave nothing cached between pushes), and flush frees them
+    assert all(c > 0 for c in cached), cached
+    assert not decoder._buffers.held and C.buffer_cache_bytes() == 0
+    encoder = ours.streaming_encoder()
+    got_codes, cached = _stream_pieces(encoder, x, [1000, 2311, 517])
+    assert all(c > 0 for c in cached), cached
+    assert not encoder._buffers.held and C.buffer_cache_bytes() == 0
+    # the outputs do not depend on the cache
+    monkeypatch.setenv("DAC_FAST_CPU_CACHE_MB", "0")
+    audio_off, cached = _stream_pieces(ours.streaming_decoder(), codes, [3, 7, 1, 5])
+    codes_off, _ = _stream_pieces(ours.streaming_encoder(), x, [1000, 2311, 517])
+    assert cached == [0] * len(cached)
+    assert torch.equal(audio, audio_off)
+    assert torch.equal(got_codes, codes_off)
+    assert torch.equal(got_codes, codes)
+    assert (audio - reference[..., : audio.shape[-1]]).abs().max() <= 1e-5
+
+
+def test_reset_close_and_garbage_collection_free_a_streams_buffers(no_open_scope):
+    _, ours = model_pair("16khz", seed=7)
+    codes = torch.randint(0, ours.config.codebook_size, (2, ours.config.n_codebooks, 9))
+    for end in ("reset", "close", "collect"):
+        decoder = ours.streaming_decoder(batch_size=2)
+        decoder.push(codes[..., :4])
+        assert decoder._buffers.held and C.buffer_cache_bytes() > 0
+        if end == "reset":
+            decoder.reset()
+        elif end == "close":
+            decoder.close()
+        else:
+            del decoder
+            gc.collect()
+        assert C.buffer_cache_bytes() == 0, end
+    # close() keeps the streams: a later push goes on and holds the buffers again
+    decoder = ours.streaming_decoder(batch_size=2)
+    first = decoder.push(codes[..., :4])
+    decoder.close()
+    rest = torch.cat([decoder.push(codes[..., 4:]), decoder.flush()], dim=-1)
+    whole = ours.decode(audio_codes=codes).audio_values
+    assert (torch.cat([first, rest], dim=-1) - whole).abs().max() <= 1e-5
+    assert C.buffer_cache_bytes() == 0
+
+
+def test_slots_hold_buffers_while_any_slot_streams(no_open_scope):
+    from dac_fast.slots import SlotDecoder
+
+    _, ours = model_pair("16khz", seed=9)
+    codes = [torch.randint(0, ours.config.codebook_size, (ours.config.n_codebooks, n)) for n in (5, 8)]
+    slots = SlotDecoder(ours, 3)
+    out = [[piece] for piece in slots.push([codes[0][:, :2], codes[1][:, :3], None])[:2]]
+    out[0].append(slots.push([codes[0][:, 2:], None, None])[0])
+    assert C.buffer_cache_bytes() > 0
+    out[0].append(slots.flush([0])[0])
+    assert slots._buffers.held  # slot 1 still streams
+    out[1] += [slots.push([None, codes[1][:, 3:], None])[1], slots.flush([1])[1]]
+    assert not slots._buffers.held and C.buffer_cache_bytes() == 0
+    for pieces, c in zip(out, codes):
+        whole = ours.decode(audio_codes=c[None]).audio_values[0]
+        assert (torch.cat(pieces) - whole).abs().max() <= 1e-5
+
+
+def test_streams_in_threads_share_the_cache_safely(no_open_scope):
+    _, ours = model_pair("16khz", seed=10)
+    xs = [torch.from_numpy(synth_audio(9000 + 997 * k, 16000, seed=20 + k))[None, None] for k in range(3)]
+    with torch.inference_mode():
+        expected = [ours.encode(x).audio_codes for x in xs]
+
+    def work(k):
+        return _stream_pieces(ours.streaming_encoder(), xs[k], [700 + 13 * k, 1500])[0]
+
+    for got, want in zip(in_threads(work, len(xs)), expected):
         assert torch.equal(got, want)
     assert C.buffer_cache_bytes() == 0
