@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import buffer_cache, ops
 from .configuration import DacConfig
 from .checks import (
     DeviceChecks,
@@ -405,7 +405,7 @@ class DacModel(DacPreTrainedModel):
         self.bits_per_codebook = int(math.log2(config.codebook_size))
         self.backend = backend  # None: whatever ops is set to (DAC_FAST_BACKEND, or a backend() block)
         # Inference tiles in item-frames (None: per device). On CPU the tiles' buffers are recycled from
-        # tile to tile (ops.cpu_buffer_cache) instead of page-faulted in anew.
+        # tile to tile (buffer_cache.cpu_buffer_cache) instead of page-faulted in anew.
         self.encode_tile_frames: int | None = None
         self.decode_tile_frames: int | None = None
         self._init_weights()
@@ -487,7 +487,7 @@ class DacModel(DacPreTrainedModel):
             return encoder(input_values) if lengths is None else encoder(input_values, lengths)
         if graphs is not None:
             encoder = graphs(encoder)
-        with ops.cpu_buffer_cache(input_values):
+        with buffer_cache.cpu_buffer_cache(input_values):
             return run_tiled(encoder, input_values, n_frames, hop, 1, n_frames, tile,
                              encoder_halo_frames(self.config), lengths)
 
@@ -547,7 +547,7 @@ class DacModel(DacPreTrainedModel):
         if graphs is not None:
             decoder = graphs(decoder)
         n_frames = z.shape[-1]
-        with ops.cpu_buffer_cache(z):
+        with buffer_cache.cpu_buffer_cache(z):
             return run_tiled(decoder, z, n_frames, 1, self.config.hop_length,
                              decoded_length(self.config, n_frames), tile, decoder_halo_frames(self.config), lengths)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ops
+from . import buffer_cache
 from .checks import check_codes, check_stream_samples
 from .modeling import DacModel
 from .streaming import (
@@ -66,7 +66,7 @@ class _Slots(_KeepsBuffers):
         self.slots = _check_batch_size(slots)
         self._root, self._rates, self._packed = root, rates, packed
         self._states = [_SlotState() for _ in range(self.slots)]
-        self._buffers = ops.BufferCacheHold()
+        self._buffers = buffer_cache.BufferCacheHold()
 
     def reset(self, streams=None) -> None:
         """Free slots: ``None`` all of them, else a bool mask (slots,) or indices. A freed slot starts a new

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn as nn
 
-from . import ops
+from . import buffer_cache
 from .checks import check_codes, check_n_quantizers, check_stream_samples
 from .convolution import conv_arithmetic, conv_transpose_inner_frames, zero_outside
 from .tiles import decoder_reach, encoded_frames, encoder_reach
@@ -151,11 +151,11 @@ def _check_batch_size(batch_size) -> int:
 
 class _KeepsBuffers:
     """Streams whose pushes allocate the same sizes push after push keep the freed CPU buffers for the next push
-    (``ops.BufferCacheHold``: with glibc's default malloc settings each fresh buffer is otherwise page-faulted
+    (``buffer_cache.BufferCacheHold``: with glibc's default malloc settings each fresh buffer is otherwise page-faulted
     in anew) from their first push until their streams end (``flush``, ``reset()``), ``close()`` or garbage
     collection."""
 
-    _buffers: ops.BufferCacheHold
+    _buffers: buffer_cache.BufferCacheHold
 
     def close(self) -> None:
         """Free the buffers kept for the next push now (``flush``, ``reset()`` and garbage collection do too).
@@ -180,7 +180,7 @@ class StreamingDecoder(_KeepsBuffers):
         # sample i is final once the frames at positions up to i + right are in
         self.lookahead_samples = right
         self.lookahead_frames = math.ceil(right / self.config.hop_length)
-        self._buffers = ops.BufferCacheHold()
+        self._buffers = buffer_cache.BufferCacheHold()
         self.reset()
 
     def _layer_rates(self) -> dict[str, int]:
@@ -293,7 +293,7 @@ class StreamingEncoder(_KeepsBuffers):
         self.n_quantizers = check_n_quantizers(n_quantizers, model.config.n_codebooks)
         # frame f (at sample f * hop_length) is final once samples through f * hop_length + right are in
         self.lookahead_samples = encoder_reach(self.config)[1]
-        self._buffers = ops.BufferCacheHold()
+        self._buffers = buffer_cache.BufferCacheHold()
         self.reset()
 
     def _layer_rates(self) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""The CPU buffer cache (csrc/cpu/buffer_cache.cpp, dac_fast.ops.cpu_buffer_cache): reuse, scope, bounds,
+"""The CPU buffer cache (csrc/cpu/buffer_cache.cpp, dac_fast.buffer_cache.cpu_buffer_cache): reuse, scope, bounds,
 threads, and identical model outputs with it on and off."""
 
 import gc
@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from dac_fast import ops
+from dac_fast import buffer_cache, ops
 
 from tests.reference import model_pair, synth_audio
 
@@ -19,7 +19,7 @@ MB = 1 << 20
 
 def test_freed_buffers_are_reused_inside_the_scope_only():
     x = torch.empty(0)
-    with ops.cpu_buffer_cache(x):
+    with buffer_cache.cpu_buffer_cache(x):
         a = torch.empty(3 * MB // 4)  # 3 MB
         ptr = a.data_ptr()
         del a
@@ -40,7 +40,7 @@ def test_freed_buffers_are_reused_inside_the_scope_only():
 
 
 def test_blocks_far_larger_than_the_request_are_not_used():
-    with ops.cpu_buffer_cache(torch.empty(0)):
+    with buffer_cache.cpu_buffer_cache(torch.empty(0)):
         big = torch.empty(4 * MB)  # 16 MB
         ptr = big.data_ptr()
         del big
@@ -54,8 +54,8 @@ def test_blocks_far_larger_than_the_request_are_not_used():
 
 def test_nested_scopes_free_on_the_outermost_exit():
     x = torch.empty(0)
-    with ops.cpu_buffer_cache(x):
-        with ops.cpu_buffer_cache(x):
+    with buffer_cache.cpu_buffer_cache(x):
+        with buffer_cache.cpu_buffer_cache(x):
             a = torch.empty(MB)
             del a
         assert C.buffer_cache_bytes() >= 4 * MB  # inner exit keeps the cache
@@ -67,7 +67,7 @@ def test_nested_scopes_free_on_the_outermost_exit():
 def test_cache_is_bounded_by_the_peak_in_use(monkeypatch):
     monkeypatch.setenv("DAC_FAST_CPU_CACHE_MB", "1")
     # the floor is read once per process by the C++ side; the bound that matters here is the peak in use
-    with ops.cpu_buffer_cache(torch.empty(0)):
+    with buffer_cache.cpu_buffer_cache(torch.empty(0)):
         held = [torch.empty(MB) for _ in range(4)]  # 16 MB in use at once
         peak = sum(t.numel() * 4 for t in held)
         del held
@@ -80,12 +80,12 @@ def test_cache_is_bounded_by_the_peak_in_use(monkeypatch):
 
 def test_off_switch_and_non_cpu(monkeypatch):
     monkeypatch.setenv("DAC_FAST_CPU_CACHE_MB", "0")
-    with ops.cpu_buffer_cache(torch.empty(0)):
+    with buffer_cache.cpu_buffer_cache(torch.empty(0)):
         a = torch.empty(MB)
         del a
         assert C.buffer_cache_bytes() == 0
     monkeypatch.delenv("DAC_FAST_CPU_CACHE_MB")
-    with ops.cpu_buffer_cache(torch.empty(0, device="meta")):
+    with buffer_cache.cpu_buffer_cache(torch.empty(0, device="meta")):
         a = torch.empty(MB)
         del a
         assert C.buffer_cache_bytes() == 0
