@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import signal
 import sys
+import threading
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -115,7 +116,8 @@ def run_serve(args: argparse.Namespace) -> int:
         model = load_model(args.model, args.device, seed=args.seed, quiet=True)
     except UserError as exc:
         return fail(exc.for_cli())
-    app = create_app(Scheduler(model, **scheduler_options), **app_options)
+    scheduler = Scheduler(model, **scheduler_options).start(thread=False)  # the model stays on this thread
+    app = create_app(scheduler, **app_options)
 
     class DrainingServer(uvicorn.Server):
         """SIGTERM/SIGINT: stop accepting, let every stream finish its push in flight and close it with 1001,
@@ -135,5 +137,24 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", ws="websockets-sansio",
                             ws_max_size=args.max_message_bytes + 1024, timeout_graceful_shutdown=30)
-    asyncio.run(DrainingServer(config).serve())
+    server = DrainingServer(config)
+
+    def web():
+        try:
+            server.run()
+        finally:  # also when it could not start (port taken): the scheduler's loop below returns
+            scheduler.stop(timeout=0)
+
+    def on_signal(signum, frame):  # uvicorn off the main thread installs no handlers: ours ask it to drain
+        server.force_exit = server.should_exit
+        server.should_exit = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    web_thread = threading.Thread(target=web, name="dac-fast-http", daemon=True)
+    web_thread.start()
+    scheduler.run_here()
+    web_thread.join()
+    if not server.started:
+        return fail(f"could not serve on {args.host}:{args.port} (see the message above)")
     return 0

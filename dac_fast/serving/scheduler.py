@@ -187,13 +187,23 @@ class Scheduler:
         self.fault = None  # tests: a callable(kind) run inside each batched call, to inject failures
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self) -> "Scheduler":
+    def start(self, thread: bool = True) -> "Scheduler":
+        """Start serving on a thread of its own; ``thread=False``: only mark it running, for ``run_here``.
+        A no-op when already running."""
         with self._lock:
-            if self._thread is None:
+            if self._thread is None and not self._running:
                 self._running = True
-                self._thread = threading.Thread(target=self._loop, name="dac-fast-scheduler", daemon=True)
-                self._thread.start()
+                if thread:
+                    self._thread = threading.Thread(target=self._loop, name="dac-fast-scheduler", daemon=True)
+                    self._thread.start()
         return self
+
+    def run_here(self) -> None:
+        """Serve on the calling thread until ``stop()`` (after ``start(thread=False)``). ``dac-fast serve`` runs the
+        model on the main thread that loaded it, the web server on another: OpenMP keeps one worker pool per
+        thread that runs torch's parallel work, and with a second pool on the same cores (more workers than
+        CPUs) libgomp stops spinning between parallel regions, ~35% slower steps on 2 cores (RESULTS.md)."""
+        self._loop()
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Finish the requests already queued, then close every stream and stop the thread."""
