@@ -28,6 +28,7 @@ on a shared machine move with its load: run the full benchmark on a quiet one.
 import argparse
 import asyncio
 import json
+import shlex
 import os
 import signal
 import subprocess
@@ -52,6 +53,8 @@ parser.add_argument("--seconds", type=float, default=4.0, help="audio seconds ea
 parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
 parser.add_argument("--quick", action="store_true", help="16khz, 4-frame pushes, 1 2 3 streams")
 parser.add_argument("--port", type=int, default=8765)
+parser.add_argument("--serve-args", default="", metavar="ARGS",
+                    help="more `dac-fast serve` arguments for every server, e.g. \"--coalesce 8 --gather-ms 10\"")
 parser.add_argument("--out", default="benchmarks/results/serve_cpu")
 parser.add_argument("--grouping-only", action="store_true",
                     help="only time how a tick handles different push sizes (in process, no server; first preset)")
@@ -61,10 +64,10 @@ LAG_LIMIT_S = 1.0  # a client this far behind its real-time schedule cannot reco
 OFFLINE_SECONDS = 10.0
 
 
-def start_server(preset: str, slots: int, mode: str, port: int) -> subprocess.Popen:
+def start_server(preset: str, slots: int, mode: str, port: int, extra: str = "") -> subprocess.Popen:
     argv = [sys.executable, "-m", "dac_fast", "serve", "--model", preset, "--random-weights", "--seed", str(SEED),
             "--port", str(port), "--slots", str(slots), "--queue", "0", "--max-message-bytes", str(1 << 22),
-            "--decode-mode", mode]
+            "--decode-mode", mode, *shlex.split(extra)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -220,7 +223,7 @@ def bench_preset(args, preset: str) -> tuple[list, dict]:
     rtf = offline_rtf(model, rng)
     rows = []
     for mode in args.modes:
-        proc = start_server(preset, max(args.streams), mode, args.port)
+        proc = start_server(preset, max(args.streams), mode, args.port, args.serve_args)
         url = f"http://127.0.0.1:{args.port}"
         try:
             asyncio.run(point(url, clips[:1], 4, 1e9, config.sampling_rate))  # warm-up, not timed

@@ -345,7 +345,7 @@ class Scheduler:
         """The stream's oldest request (lock held); a push takes up to ``coalesce`` queued pushes behind it as a
         list (one model push of their concatenated inputs)."""
         first = stream.pending.popleft()
-        if first is None or first.op != "push" or self.coalesce == 1:
+        if first is None or first.op != "push":
             return first
         merged = [first]
         while (len(merged) < self.coalesce and stream.pending and stream.pending[0] is not None
