@@ -3,6 +3,7 @@ threads, and identical model outputs with it on and off."""
 
 import gc
 import threading
+import time
 
 import pytest
 import torch
@@ -15,6 +16,22 @@ C = ops._C
 pytestmark = pytest.mark.skipif(C is None or not hasattr(C, "buffer_cache_enter"), reason="extension not built")
 
 MB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def no_open_scope():
+    """The cache is process-wide and every test here counts its bytes: wait until no other scope is open (a
+    streaming object of an earlier test releases its hold when collected; another test's background thread
+    ends its call), else skip with the reason."""
+    deadline = time.monotonic() + 10
+    while True:
+        gc.collect()
+        torch.empty(MB)  # freed at once: cached only if some scope is open
+        if C.buffer_cache_bytes() == 0:
+            return
+        if time.monotonic() > deadline:
+            pytest.skip("another buffer cache scope stayed open in this process")
+        time.sleep(0.1)
 
 
 def test_freed_buffers_are_reused_inside_the_scope_only():
@@ -155,16 +172,9 @@ def _stream_pieces(stream, whole: torch.Tensor, sizes: list) -> tuple:
     return torch.cat(outs, dim=-1), cached
 
 
-@pytest.fixture
-def no_open_scope():
-    gc.collect()  # streaming objects of earlier tests release their holds when collected
-    probe = torch.empty(MB)
-    del probe  # cached only if some scope is open
-    if C.buffer_cache_bytes() != 0:
-        pytest.skip("another buffer cache scope is open in this process")
 
 
-def test_streams_keep_buffers_across_pushes_and_free_them_at_flush(no_open_scope, monkeypatch):
+def test_streams_keep_buffers_across_pushes_and_free_them_at_flush(monkeypatch):
     hf, ours = model_pair("16khz", seed=6)
     x = torch.from_numpy(synth_audio(16000 + 4321, 16000, seed=8))[None, None]
     with torch.inference_mode():
@@ -191,7 +201,7 @@ def test_streams_keep_buffers_across_pushes_and_free_them_at_flush(no_open_scope
     assert (audio - reference[..., : audio.shape[-1]]).abs().max() <= 1e-5
 
 
-def test_reset_close_and_garbage_collection_free_a_streams_buffers(no_open_scope):
+def test_reset_close_and_garbage_collection_free_a_streams_buffers():
     _, ours = model_pair("16khz", seed=7)
     codes = torch.randint(0, ours.config.codebook_size, (2, ours.config.n_codebooks, 9))
     for end in ("reset", "close", "collect"):
@@ -216,7 +226,7 @@ def test_reset_close_and_garbage_collection_free_a_streams_buffers(no_open_scope
     assert C.buffer_cache_bytes() == 0
 
 
-def test_slots_hold_buffers_while_any_slot_streams(no_open_scope):
+def test_slots_hold_buffers_while_any_slot_streams():
     from dac_fast.slots import SlotDecoder
 
     _, ours = model_pair("16khz", seed=9)
@@ -234,7 +244,7 @@ def test_slots_hold_buffers_while_any_slot_streams(no_open_scope):
         assert (torch.cat(pieces) - whole).abs().max() <= 1e-5
 
 
-def test_streams_in_threads_share_the_cache_safely(no_open_scope):
+def test_streams_in_threads_share_the_cache_safely():
     _, ours = model_pair("16khz", seed=10)
     xs = [torch.from_numpy(synth_audio(9000 + 997 * k, 16000, seed=20 + k))[None, None] for k in range(3)]
     with torch.inference_mode():

@@ -5,6 +5,7 @@ Small generated files and the 16khz preset (random weights); one Ray instance fo
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -310,13 +311,25 @@ def test_interrupt_writes_manifest_and_errors(ray_local, tmp_path):
     d = tmp_path / "in"
     paths = _inputs(d, [f"{ENC}_hang.wav"])
     out = tmp_path / "codes"
-    timer = threading.Timer(8.0, _thread.interrupt_main)
-    timer.start()
+    done = threading.Event()
+
+    def interrupt_once_hanging():  # Ctrl-C once the encoder is stuck (a fixed delay raced Ray's start under load)
+        marker = Path(paths[0] + ".hanging")
+        deadline = time.monotonic() + 120
+        while not done.is_set() and not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not done.is_set():
+            time.sleep(0.5)
+            _thread.interrupt_main()
+
+    watcher = threading.Thread(target=interrupt_once_hanging, daemon=True)
+    watcher.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             dist.encode_dataset([str(d)], out, model=MODEL, batch_size=1, concurrency=1, progress=False)
     finally:
-        timer.cancel()
+        done.set()
+        watcher.join()
     assert dist.read_manifest(out) == [] and (out / dist.MANIFEST).exists()
     errs = dist.read_errors(out)
     assert [e["path"] for e in errs] == paths and errs[0]["reason"].startswith("interrupted")

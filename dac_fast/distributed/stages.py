@@ -41,6 +41,7 @@ def _inject_encoder_faults(paths) -> None:
     for path in paths:
         kind = _encoder_fault(path, ("always", "once", "hang"))
         if kind == "hang":
+            Path(path + ".hanging").touch()  # tests interrupt once the hang has begun, not after a guessed delay
             time.sleep(10**6)
         if kind == "once":
             marker = Path(path + ".crashed")
