@@ -1,12 +1,11 @@
 """The CPU buffer cache (csrc/cpu/buffer_cache.cpp) from Python: ``cpu_buffer_cache`` scopes one call (the
-offline paths' tiles), ``BufferCacheHold`` keeps a scope open across a streaming object's pushes."""
+offline paths' tiles). Scopes are never held across calls: the cache is process-wide, so a scope left open
+by an object nobody closed would pin every CPU buffer of the process at its peak."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import threading
-import weakref
 
 import torch
 
@@ -14,7 +13,7 @@ from . import ops
 
 
 def _applies(tensor: torch.Tensor) -> bool:
-    """Whether ``cpu_buffer_cache`` / ``BufferCacheHold`` recycle buffers for work on ``tensor``'s device."""
+    """Whether ``cpu_buffer_cache`` recycles buffers for work on ``tensor``'s device."""
     return (
         not torch.compiler.is_compiling()
         and tensor.device.type == "cpu"
@@ -41,42 +40,3 @@ def cpu_buffer_cache(tensor: torch.Tensor):
         yield
     finally:
         ops._C.buffer_cache_exit()
-
-
-class BufferCacheHold:
-    """One open ``cpu_buffer_cache`` scope that spans calls: a streaming object's pushes allocate the same
-    sizes push after push, and a scope per push would free its cache at every push's end. ``hold(tensor)``
-    opens it (once; a no-op where ``cpu_buffer_cache`` is one), ``release()`` closes it (idempotent), and
-    so does garbage collection of the holder. The C++ cache is process-wide (one mutex, one count of open
-    scopes), so holds of several objects in several threads nest like ``cpu_buffer_cache`` blocks; the
-    cached buffers are freed when the last open scope closes."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._finalizer = None
-
-    @property
-    def held(self) -> bool:
-        return self._finalizer is not None and self._finalizer.alive
-
-    def hold(self, tensor: torch.Tensor) -> None:
-        if self.held or not _applies(tensor):
-            return
-        with self._lock:
-            if not self.held:
-                ops._C.buffer_cache_enter()
-                # a finalizer, not __del__: it runs at most once, also at interpreter exit
-                self._finalizer = weakref.finalize(self, ops._C.buffer_cache_exit)
-
-    def release(self) -> None:
-        with self._lock:
-            if self._finalizer is not None:
-                self._finalizer()
-
-    @contextlib.contextmanager
-    def releasing(self):
-        """Release when the block ends, however it ends."""
-        try:
-            yield
-        finally:
-            self.release()

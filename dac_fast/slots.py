@@ -25,14 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import buffer_cache
 from .checks import check_codes, check_stream_samples
 from .modeling import DacModel
 from .streaming import (
     LayerStreams,
     StreamingDecoder,
     StreamingEncoder,
-    _KeepsBuffers,
     _check_batch_size,
     _check_streams,
     encode_step,
@@ -56,9 +54,8 @@ class _SlotState:
         return shapes, tuple(sorted(self.to_crop.items()))
 
 
-class _Slots(_KeepsBuffers):
-    """The slot bookkeeping shared by ``SlotDecoder`` and ``SlotEncoder``. Freed CPU buffers are kept for the next
-    push while any slot has a stream (``_KeepsBuffers``)."""
+class _Slots:
+    """The slot bookkeeping shared by ``SlotDecoder`` and ``SlotEncoder``."""
 
     def __init__(self, model: DacModel, slots: int, root, rates: dict, packed: bool):
         self.model = model
@@ -66,7 +63,6 @@ class _Slots(_KeepsBuffers):
         self.slots = _check_batch_size(slots)
         self._root, self._rates, self._packed = root, rates, packed
         self._states = [_SlotState() for _ in range(self.slots)]
-        self._buffers = buffer_cache.BufferCacheHold()
 
     def reset(self, streams=None) -> None:
         """Free slots: ``None`` all of them, else a bool mask (slots,) or indices. A freed slot starts a new
@@ -77,8 +73,6 @@ class _Slots(_KeepsBuffers):
     def _free(self, slots: list) -> None:
         for slot in slots:
             self._states[slot] = _SlotState()
-        if not any(state.pushed for state in self._states):
-            self._buffers.release()
 
     def pushed(self, slot: int) -> int:
         """Frames (decoder) or samples (encoder) pushed into ``slot`` since it was last freed."""
@@ -113,7 +107,6 @@ class _Slots(_KeepsBuffers):
         groups: dict = {}
         for slot, (state, x) in work.items():
             groups.setdefault((state.signature(), tuple(x.shape[1:])), []).append(slot)
-            self._buffers.hold(x)
         results = {}
         for slots in groups.values():
             states = [work[s][0] for s in slots]

@@ -29,7 +29,6 @@ import math
 import torch
 import torch.nn as nn
 
-from . import buffer_cache
 from .checks import check_codes, check_n_quantizers, check_stream_samples
 from .convolution import conv_arithmetic, conv_transpose_inner_frames, zero_outside
 from .tiles import decoder_reach, encoded_frames, encoder_reach
@@ -149,21 +148,7 @@ def _check_batch_size(batch_size) -> int:
     return batch_size
 
 
-class _KeepsBuffers:
-    """Streams whose pushes allocate the same sizes push after push keep the freed CPU buffers for the next push
-    (``buffer_cache.BufferCacheHold``: with glibc's default malloc settings each fresh buffer is otherwise page-faulted
-    in anew) from their first push until their streams end (``flush``, ``reset()``), ``close()`` or garbage
-    collection."""
-
-    _buffers: buffer_cache.BufferCacheHold
-
-    def close(self) -> None:
-        """Free the buffers kept for the next push now (``flush``, ``reset()`` and garbage collection do too).
-        The streams are unchanged: a later push goes on, and keeps buffers again."""
-        self._buffers.release()
-
-
-class StreamingDecoder(_KeepsBuffers):
+class StreamingDecoder:
     """Decode ``batch_size`` independent code streams as their frames arrive; see ``DacModel.streaming_decoder``."""
 
     def __init__(self, model, batch_size: int = 1, cuda_graphs: bool = False):
@@ -180,7 +165,6 @@ class StreamingDecoder(_KeepsBuffers):
         # sample i is final once the frames at positions up to i + right are in
         self.lookahead_samples = right
         self.lookahead_frames = math.ceil(right / self.config.hop_length)
-        self._buffers = buffer_cache.BufferCacheHold()
         self.reset()
 
     def _layer_rates(self) -> dict[str, int]:
@@ -204,7 +188,6 @@ class StreamingDecoder(_KeepsBuffers):
         next push, while the others go on. Returns the number of samples each restarted stream returns
         before its new audio (zeros; the others' delayed samples in the same pushes): drop them."""
         if streams is None:
-            self._buffers.release()
             self._layers = LayerStreams(self.model.decoder, self.batch_size, self._layer_rates(), packed=True)
             self.frames = 0  # frames pushed
             self.released = 0  # samples returned
@@ -238,7 +221,6 @@ class StreamingDecoder(_KeepsBuffers):
         Validated whole before any state changes."""
         audio_codes = self._check_push(audio_codes)
         self.n_codebooks = audio_codes.shape[1]
-        self._buffers.hold(audio_codes)
         with torch.inference_mode(), self.model._backend_scope():
             latent = self.model.quantizer.from_codes(audio_codes)[0]
             if self._graphs is None:
@@ -250,18 +232,17 @@ class StreamingDecoder(_KeepsBuffers):
 
     def flush(self) -> torch.Tensor:
         """The remaining samples (B, k) of every stream; ends the streams (``reset()`` restarts them)."""
-        with self._buffers.releasing():  # the kept buffers go with the streams
-            if self.finished:
-                raise RuntimeError("flush after flush: the streams are finished; call reset() to start new ones")
-            self.finished = True
-            if self.frames == 0:
-                return torch.zeros(self.batch_size, 0, dtype=self.model.dtype, device=self.model.device)
-            self._layers.final = True
-            with torch.inference_mode(), self.model._backend_scope():
-                empty = torch.zeros(self.batch_size, self.config.hidden_size, 0, dtype=self.model.dtype,
-                                    device=self.model.device)
-                audio = self.model.decoder.inference(empty, self._layers)
-            return self._release(audio)
+        if self.finished:
+            raise RuntimeError("flush after flush: the streams are finished; call reset() to start new ones")
+        self.finished = True
+        if self.frames == 0:
+            return torch.zeros(self.batch_size, 0, dtype=self.model.dtype, device=self.model.device)
+        self._layers.final = True
+        with torch.inference_mode(), self.model._backend_scope():
+            empty = torch.zeros(self.batch_size, self.config.hidden_size, 0, dtype=self.model.dtype,
+                                device=self.model.device)
+            audio = self.model.decoder.inference(empty, self._layers)
+        return self._release(audio)
 
     def _release(self, audio: torch.Tensor) -> torch.Tensor:
         audio = audio.squeeze(1)
@@ -283,7 +264,7 @@ def encode_step(model, audio: torch.Tensor, layers: LayerStreams, n_quantizers: 
     return model.quantizer.encode_frames(latent, n_quantizers)[0]
 
 
-class StreamingEncoder(_KeepsBuffers):
+class StreamingEncoder:
     """Encode ``batch_size`` audio streams as their samples arrive; see ``DacModel.streaming_encoder``."""
 
     def __init__(self, model, batch_size: int = 1, n_quantizers: int | None = None):
@@ -293,7 +274,6 @@ class StreamingEncoder(_KeepsBuffers):
         self.n_quantizers = check_n_quantizers(n_quantizers, model.config.n_codebooks)
         # frame f (at sample f * hop_length) is final once samples through f * hop_length + right are in
         self.lookahead_samples = encoder_reach(self.config)[1]
-        self._buffers = buffer_cache.BufferCacheHold()
         self.reset()
 
     def _layer_rates(self) -> dict[str, int]:
@@ -319,7 +299,6 @@ class StreamingEncoder(_KeepsBuffers):
         request shorter than one frame's worth of samples gets no frame here (``encode`` alone would zero-pad
         it to one hop and return one)."""
         if streams is None:
-            self._buffers.release()
             self._layers = LayerStreams(self.model.encoder, self.batch_size, self._layer_rates())
             self.samples = 0  # samples pushed
             self.emitted = 0  # frames returned
@@ -356,22 +335,20 @@ class StreamingEncoder(_KeepsBuffers):
 
     def flush(self) -> torch.Tensor:
         """Codes (B, n, f) of the remaining frames; ends the streams."""
-        with self._buffers.releasing():  # the kept buffers go with the streams
-            if self.finished:
-                raise RuntimeError("flush after flush: the streams are finished; call reset() to start new ones")
-            self.finished = True
-            if self.samples == 0:
-                return torch.zeros(self.batch_size, self.n_quantizers, 0, dtype=torch.long, device=self.model.device)
-            short = max(0, self.config.hop_length - self.samples) if encoded_frames(self.config, self.samples) < 1 else 0
-            # too short for one frame: zero-padded to one hop, as encode() pads such an input
-            padded = self._run(torch.zeros(self.batch_size, 1, short, dtype=self.model.dtype, device=self.model.device))
-            self.samples += short
-            self._layers.final = True
-            rest = self._run(torch.zeros(self.batch_size, 1, 0, dtype=self.model.dtype, device=self.model.device))
-            return torch.cat([padded, rest], dim=-1)
+        if self.finished:
+            raise RuntimeError("flush after flush: the streams are finished; call reset() to start new ones")
+        self.finished = True
+        if self.samples == 0:
+            return torch.zeros(self.batch_size, self.n_quantizers, 0, dtype=torch.long, device=self.model.device)
+        short = max(0, self.config.hop_length - self.samples) if encoded_frames(self.config, self.samples) < 1 else 0
+        # too short for one frame: zero-padded to one hop, as encode() pads such an input
+        padded = self._run(torch.zeros(self.batch_size, 1, short, dtype=self.model.dtype, device=self.model.device))
+        self.samples += short
+        self._layers.final = True
+        rest = self._run(torch.zeros(self.batch_size, 1, 0, dtype=self.model.dtype, device=self.model.device))
+        return torch.cat([padded, rest], dim=-1)
 
     def _run(self, audio: torch.Tensor) -> torch.Tensor:
-        self._buffers.hold(audio)
         with torch.inference_mode(), self.model._backend_scope():
             codes = encode_step(self.model, audio, self._layers, self.n_quantizers)
         first, self.emitted = self.emitted, self.emitted + codes.shape[-1]
