@@ -34,14 +34,19 @@ def _write(path, sr, dur, ch, f0, rng, subtype=None):
     sf.write(str(path), x.astype(np.float32), sr, subtype=subtype)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
+def _start_local_ray() -> None:
+    """A fresh local Ray of 2 CPUs (a running one is shut down first)."""
     if ray.is_initialized():
         ray.shutdown()
     os.environ[dist.CRASH_ENV] = "crash_me"  # inherited by the local Ray's workers
     os.environ[dist.ENCODER_CRASH_ENV] = ENC
     ray.init(num_cpus=2, include_dashboard=False, runtime_env=dist.worker_runtime_env(), log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    _start_local_ray()
     yield
     ray.shutdown()
 
@@ -308,6 +313,9 @@ def test_interrupt_writes_manifest_and_errors(ray_local, tmp_path):
     import _thread
     import threading
 
+    # a Ray of its own: the previous test's killed, hung actor must not hold the CPUs this job's encoder needs
+    # (under `make test` its job then never started; seen in CI, not when run alone)
+    _start_local_ray()
     d = tmp_path / "in"
     paths = _inputs(d, [f"{ENC}_hang.wav"])
     out = tmp_path / "codes"
